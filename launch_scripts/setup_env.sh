@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Idempotent environment setup for s2moe-dist.
+# Makes .venv in the repo (if missing) and installs everything a fresh machine needs.
+# torch stays pinned through a constraints file on every install after the first, so
+# pip never swaps the CPU build for a multi-GB CUDA one.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${S2MOE_VENV:-$ROOT/.venv}"
+TORCH_VERSION="${S2MOE_TORCH_VERSION:-2.13.0}"
+PY="${PYTHON:-python3}"
+log() { echo "[setup_env] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+
+# 1. torch: keep whatever is installed (a GPU machine's CUDA build), else the CPU build.
+if python -c "import torch" 2>/dev/null; then
+  TORCH_HAVE="$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+  log "torch $TORCH_HAVE already installed, keeping it"
+else
+  log "installing torch==$TORCH_VERSION"
+  pip_q "torch==$TORCH_VERSION"
+  TORCH_HAVE="$TORCH_VERSION"
+fi
+CONSTRAINTS="$VENV/s2moe-constraints.txt"
+echo "torch==$TORCH_HAVE" > "$CONSTRAINTS"
+export PIP_CONSTRAINT="$CONSTRAINTS"
+
+# 2. Debian's Open MPI for mpi4py (optional: skipped where apt is not usable).
+if ! command -v mpicc >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    log "installing Debian's Open MPI (libopenmpi-dev openmpi-bin)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null) \
+      || log "WARNING: could not install Open MPI; mpi4py and mpirun.sh will be unavailable"
+  else
+    log "WARNING: no mpicc and no root apt-get; skipping Open MPI"
+  fi
+fi
+
+# 3. The rest. DS_BUILD_OPS=0: DeepSpeed JIT-compiles the few ops it needs at first use.
+NEED=""
+python -c "import deepspeed" 2>/dev/null || NEED="yes"
+python -c "import megatron.core" 2>/dev/null || NEED="yes"
+python -c "import tensorboard" 2>/dev/null || NEED="yes"
+python -c "import s2moe_dist" 2>/dev/null || NEED="yes"
+if command -v mpicc >/dev/null 2>&1; then python -c "import mpi4py" 2>/dev/null || NEED="yes"; fi
+if [ -n "$NEED" ] || [ "${S2MOE_REINSTALL:-0}" = "1" ]; then
+  EXTRAS="dev,deepspeed,megatron"
+  command -v mpicc >/dev/null 2>&1 && EXTRAS="$EXTRAS,mpi"
+  log "installing s2moe_dist[$EXTRAS] (editable) with deepspeed, megatron-core, tensorboard"
+  DS_BUILD_OPS=0 pip_q -e ".[$EXTRAS]"
+else
+  log "all packages present"
+fi
+python - <<'PY'
+import torch, deepspeed, megatron.core, tensorboard, s2moe_dist
+print(f"[setup_env] ok: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+      f"megatron-core {megatron.core.__version__}, s2moe_dist {s2moe_dist.__version__}")
+PY

@@ -1,0 +1,150 @@
+"""Dataclass configs. Every check raises ``ValueError`` naming the field, the value and what
+is allowed, so a bad config fails before any process group or tensor exists."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+EVAL_MODES = ("clean", "noisy")
+NOISY_ROUTING = ("own", "shared")
+UNCERTAINTY_ON = ("input", "output")
+NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+
+
+def config_error(owner: str, name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise config_error(owner, name, value, f"must be an integer >= {minimum}")
+
+
+def check_float(owner: str, name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > minimum if strict else value >= minimum) and value == value  # NaN fails
+    if not ok:
+        cmp = ">" if strict else ">="
+        raise config_error(owner, name, value, f"must be a number {cmp} {minimum}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise config_error(owner, name, value, f"must be one of {list(choices)}")
+
+
+def from_mapping(cls, data: Optional[Mapping[str, Any]], owner: str):
+    """Build dataclass ``cls`` from a dict, refusing unknown keys by name."""
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{owner}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class S2MoEConfig:
+    """Configuration of one S2MoE layer (DESIGN.md section 1).
+
+    DeepSpeed ``MoE`` keywords keep their names and meaning; the S2MoE knobs follow them.
+    """
+
+    hidden_size: int
+    num_experts: int = 16
+    k: int = 2
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    ep_size: int = 1
+    activation: str = "gelu"
+    expert_bias: bool = False
+    # DeepSpeed MoE keywords
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = False  # S2MoE default: dropless (DeepSpeed's default is True)
+    use_rts: bool = False
+    use_residual: bool = False
+    noisy_gate_policy: Optional[str] = None
+    use_tutel: bool = False
+    enable_expert_tensor_parallelism: bool = False
+    top2_2nd_expert_sampling: bool = False
+    # S2MoE knobs
+    moe_type: str = "s2moe"  # "smoe": the same layer without noise path and gate (baseline)
+    noise_mult_std: float = 1.0
+    noise_add_std: float = 1.0
+    noise_add_mean: bool = False
+    noisy_routing: str = "own"
+    uncertainty_on: str = "input"
+    infonce_temperature: float = 0.1
+    infonce_max_tokens: int = 1024
+    balance_coef: float = 0.01
+    uncertainty_coef: float = 0.1
+    eval_mode: str = "clean"
+    eval_k: Optional[int] = None  # default: k
+    eval_seed: int = 1234  # noise seed of eval_mode="noisy"
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size if isinstance(self.hidden_size, int) else None
+        if self.eval_k is None:
+            self.eval_k = self.k
+        self.validate()
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def renormalize(self) -> bool:
+        """Top-k weights renormalised for layers trained with k >= 2; raw top-1 prob for k = 1."""
+        return self.k >= 2
+
+    def validate(self) -> None:
+        o = "S2MoEConfig"
+        check_int(o, "hidden_size", self.hidden_size, 1)
+        check_int(o, "num_experts", self.num_experts, 1)
+        check_int(o, "ffn_hidden_size", self.ffn_hidden_size, 1)
+        check_int(o, "ep_size", self.ep_size, 1)
+        check_int(o, "k", self.k, 1)
+        if self.k > self.num_experts:
+            raise config_error(o, "k", self.k, f"must be <= num_experts ({self.num_experts})")
+        check_int(o, "eval_k", self.eval_k, 1)
+        if self.eval_k > self.num_experts:
+            raise config_error(o, "eval_k", self.eval_k, f"must be <= num_experts ({self.num_experts})")
+        if self.num_experts % self.ep_size:
+            raise config_error(o, "num_experts", self.num_experts,
+                               f"must be divisible by ep_size ({self.ep_size}); pick ep_size among "
+                               f"{[d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]}")
+        check_choice(o, "activation", self.activation, ACTIVATIONS)
+        check_choice(o, "moe_type", self.moe_type, ("s2moe", "smoe"))
+        check_choice(o, "eval_mode", self.eval_mode, EVAL_MODES)
+        check_choice(o, "noisy_routing", self.noisy_routing, NOISY_ROUTING)
+        check_choice(o, "uncertainty_on", self.uncertainty_on, UNCERTAINTY_ON)
+        check_float(o, "noise_mult_std", self.noise_mult_std)
+        check_float(o, "noise_add_std", self.noise_add_std)
+        check_float(o, "infonce_temperature", self.infonce_temperature, strict=True)
+        check_int(o, "infonce_max_tokens", self.infonce_max_tokens, 2)
+        check_float(o, "balance_coef", self.balance_coef)
+        check_float(o, "uncertainty_coef", self.uncertainty_coef)
+        check_float(o, "capacity_factor", self.capacity_factor, strict=True)
+        check_float(o, "eval_capacity_factor", self.eval_capacity_factor, strict=True)
+        check_int(o, "min_capacity", self.min_capacity, 0)
+        if self.use_residual:
+            raise config_error(o, "use_residual", True,
+                               "Residual MoE (PR-MoE) is not supported by S2MoE; set use_residual=False")
+        if self.use_tutel:
+            raise config_error(o, "use_tutel", True,
+                               "Tutel kernels are not used: S2MoE's dispatcher is dropless and sorted; "
+                               "set use_tutel=False")
+        if self.noisy_gate_policy is not None:
+            raise config_error(o, "noisy_gate_policy", self.noisy_gate_policy,
+                               "S2MoE brings its own Gaussian noise module (noise_mult_std / noise_add_std); "
+                               "set noisy_gate_policy=None")
+        if self.top2_2nd_expert_sampling and self.k != 2:
+            raise config_error(o, "top2_2nd_expert_sampling", True, "only meaningful with k=2; set it False")
+
+
+def moe_config_from_dict(data: Mapping[str, Any]) -> S2MoEConfig:
+    return from_mapping(S2MoEConfig, data, "S2MoEConfig")

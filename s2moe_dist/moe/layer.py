@@ -1,0 +1,199 @@
+"""The S2MoE layer, pure PyTorch (DESIGN.md section 1).
+
+    y = g(x) * SMoE(x) + (1 - g(x)) * SMoE(x_hat),   x_hat = n1 * x + n2,   g = sigmoid(x W_g + b_g)
+
+Both streams are routed, their (token, expert) slots sorted together and dispatched ONCE
+(one all-to-all each way under expert parallelism). Eval ``clean`` mode computes one stream.
+``moe_type="smoe"`` is the same layer without noise path and gate: the paper's SMoE baseline.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import S2MoEConfig
+from .dispatcher import LocalDispatcher
+from .experts import ExpertBank, ModuleExperts
+from .losses import balance_loss, infonce_accuracy, infonce_loss
+from .noise import GaussianNoise
+from .router import Routing, TopKRouter
+
+# Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
+_DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
+                         "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts",
+                         "use_tutel", "enable_expert_tensor_parallelism", "top2_2nd_expert_sampling")
+_S2MOE_POSITIONAL = ("num_experts", "k", "ffn_hidden_size", "ep_size")
+
+
+def build_config(hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
+    """Parse S2MoE's or deepspeed.moe.layer.MoE's call conventions into (config, expert module)."""
+    if config is not None:
+        if args or kwargs.keys() - {"expert"}:
+            raise ValueError("S2MoE: pass either config=S2MoEConfig(...) or keyword arguments, not both")
+        return config, kwargs.get("expert")
+    names = _DEEPSPEED_POSITIONAL if args and isinstance(args[0], nn.Module) else _S2MOE_POSITIONAL
+    if len(args) > len(names):
+        raise TypeError(f"S2MoE takes at most {len(names) + 1} positional arguments")
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"S2MoE got multiple values for argument {name!r}")
+        kwargs[name] = value
+    expert = kwargs.pop("expert", None)
+    if expert is not None and not isinstance(expert, nn.Module):
+        raise ValueError(f"S2MoE.expert={expert!r} is invalid: must be a torch.nn.Module or None")
+    return S2MoEConfig(hidden_size=hidden_size, **kwargs), expert
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """Rank inside the (contiguous) expert-parallel block: DeepSpeed's ``ep_size_N`` groups are
+    ranks [i*ep, (i+1)*ep), so the EP rank is ``global_rank % ep_size`` (TP = 1)."""
+    if ep_size == 1:
+        return 0
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"S2MoEConfig.ep_size={ep_size} needs torch.distributed initialized before the "
+                         "layer is built (call deepspeed.init_distributed() or "
+                         "torch.distributed.init_process_group() first), or use ep_size=1")
+    if dist.get_world_size() % ep_size:
+        raise ValueError(f"S2MoEConfig.ep_size={ep_size} must divide the world size "
+                         f"({dist.get_world_size()})")
+    return dist.get_rank() % ep_size
+
+
+class S2MoELayer(nn.Module):
+    """S2MoE layer. Accepts S2MoE's and ``deepspeed.moe.layer.MoE``'s arguments.
+
+    ``forward(x)`` -> ``(output, l_aux, exp_counts)`` like DeepSpeed: ``l_aux`` is the balance loss
+    (mean over the two streams), ``exp_counts`` the kept slots per global expert (both streams).
+    After a forward, ``self.uncertainty_loss`` holds the InfoNCE loss (a zero tensor in eval).
+    """
+
+    def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
+        super().__init__()
+        cfg, expert = build_config(hidden_size, *args, config=config, **kwargs)
+        self.config = cfg
+        self.num_experts = cfg.num_experts
+        self.ep_size = cfg.ep_size
+        self.num_local_experts = cfg.num_local_experts
+        self.ep_rank = expert_parallel_rank(cfg.ep_size)
+        self.first_expert = self.ep_rank * self.num_local_experts
+        self.router = TopKRouter(cfg.hidden_size, cfg.num_experts)
+        if expert is not None:
+            self.experts = ModuleExperts(expert, cfg.num_local_experts)
+        else:
+            self.experts = ExpertBank(cfg.num_local_experts, cfg.hidden_size, cfg.ffn_hidden_size,
+                                      cfg.activation, cfg.expert_bias, first_expert=self.first_expert)
+        self.is_s2moe = cfg.moe_type == "s2moe"
+        if self.is_s2moe:
+            self.gate = nn.Linear(cfg.hidden_size, 1)
+            self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean)
+        self._dispatcher = None
+        self.l_aux = torch.zeros(())
+        self.uncertainty_loss = torch.zeros(())
+        self.last_stats: Dict[str, Any] = {}
+
+    # ---- dispatch -------------------------------------------------------------------------
+    @property
+    def dispatcher(self):
+        if self._dispatcher is None:
+            if self.ep_size == 1:
+                self._dispatcher = LocalDispatcher(self.num_experts)
+            else:
+                from .a2a_dispatcher import AllToAllDispatcher
+                self._dispatcher = AllToAllDispatcher(self.num_experts, self.ep_size)
+        return self._dispatcher
+
+    def set_dispatcher(self, dispatcher) -> None:
+        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here."""
+        self._dispatcher = dispatcher
+
+    # ---- forward --------------------------------------------------------------------------
+    def _route(self, x: torch.Tensor, k: int) -> Routing:
+        cfg = self.config
+        drop = cfg.drop_tokens
+        cf = (cfg.capacity_factor if self.training else cfg.eval_capacity_factor) if drop else None
+        return self.router(x, k, cfg.renormalize, capacity_factor=cf, min_capacity=cfg.min_capacity,
+                           use_rts=cfg.use_rts and self.training,
+                           second_expert_sampling=cfg.top2_2nd_expert_sampling and self.training)
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if used_token is not None:
+            raise ValueError("S2MoE.forward(used_token=...) is not supported; pass used_token=None")
+        cfg = self.config
+        shape = hidden_states.shape
+        if shape[-1] != cfg.hidden_size:
+            raise ValueError(f"S2MoE input has hidden size {shape[-1]}, the layer was built with "
+                             f"hidden_size={cfg.hidden_size}")
+        x = hidden_states.reshape(-1, cfg.hidden_size)
+        T = x.shape[0]
+        k = cfg.k if self.training else cfg.eval_k
+        two_streams = self.is_s2moe and (self.training or cfg.eval_mode == "noisy")
+
+        if not two_streams:
+            r = self._route(x, k)
+            out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts)
+            self.l_aux = balance_loss(r.probs, r.expert_idx, self.num_experts)
+            self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
+            self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
+            return out.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
+
+        gen = None
+        if not self.training:  # eval_mode="noisy": seeded, reproducible noise
+            gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
+        x_hat = self.noise(x, generator=gen)
+        r_clean = self._route(x, k)
+        r_noisy = self._route(x_hat, k) if cfg.noisy_routing == "own" else r_clean
+        tokens = torch.cat([x, x_hat], dim=0)
+        idx = torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx], dim=0)
+        w = torch.cat([r_clean.weights, r_noisy.weights], dim=0)
+        out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
+        out_clean, out_noisy = out[:T], out[T:]
+        g = torch.sigmoid(self.gate(x))
+        y = g * out_clean + (1 - g) * out_noisy
+
+        bal_clean = balance_loss(r_clean.probs, r_clean.expert_idx, self.num_experts)
+        if r_noisy is r_clean:
+            self.l_aux = bal_clean
+        else:
+            self.l_aux = 0.5 * (bal_clean + balance_loss(r_noisy.probs, r_noisy.expert_idx, self.num_experts))
+        if self.training:
+            z, z_hat = (x, x_hat) if cfg.uncertainty_on == "input" else (out_clean, out_noisy)
+            self.uncertainty_loss = infonce_loss(z, z_hat, cfg.infonce_temperature, cfg.infonce_max_tokens)
+        else:
+            z = z_hat = None
+            self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
+        dropped = r_clean.num_dropped + (r_noisy.num_dropped if r_noisy is not r_clean else r_clean.num_dropped)
+        self._record(counts, dropped, 2 * r_clean.expert_idx.numel(), gate=g, z=z, z_hat=z_hat)
+        return y.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
+
+    def _record(self, counts, dropped: int, slots: int, gate=None, z=None, z_hat=None) -> None:
+        """Detached per-layer statistics for logging (TensorBoard); cheap, no extra sync."""
+        stats = {"expert_counts": counts.detach(), "drop_fraction": dropped / max(1, slots)}
+        if gate is not None:
+            stats["gate_mean"] = gate.detach().float().mean()
+        if z is not None and getattr(self, "record_infonce_accuracy", False):
+            stats["infonce_accuracy"] = infonce_accuracy(z.detach(), z_hat.detach(), self.config.infonce_max_tokens)
+        self.last_stats = stats
+
+    def aux_loss(self) -> torch.Tensor:
+        """alpha * L_bal + beta * L_u of the last forward."""
+        cfg = self.config
+        return cfg.balance_coef * self.l_aux + cfg.uncertainty_coef * self.uncertainty_loss
+
+
+def s2moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``alpha * L_bal + beta * L_u`` over every S2MoE layer of ``model`` (last forward).
+
+        loss = task_loss + s2moe_aux_loss(model)
+    """
+    total = None
+    for m in model.modules():
+        if isinstance(m, S2MoELayer):
+            total = m.aux_loss() if total is None else total + m.aux_loss()
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu")
+    return total

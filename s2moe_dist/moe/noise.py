@@ -1,0 +1,39 @@
+"""Gaussian noise module of S2MoE (DESIGN.md 1.1): x_hat = n1 * x + n2, E[x_hat] = x.
+
+n1 ~ N(1, (a*sigma_x)^2), n2 ~ N(0 or mu_x, (b*sigma_x)^2), drawn per element, with sigma_x and
+mu_x the per-token statistics over the hidden dimension, detached. Per-token statistics keep the
+module local: no cross-token or cross-rank communication.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class GaussianNoise(nn.Module):
+    def __init__(self, mult_std: float = 1.0, add_std: float = 1.0, add_mean: bool = False):
+        super().__init__()
+        self.mult_std = float(mult_std)
+        self.add_std = float(add_std)
+        self.add_mean = bool(add_mean)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.mult_std == 0.0 and self.add_std == 0.0 and not self.add_mean
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.is_identity:
+            return x
+        with torch.no_grad():  # statistics are constants: no gradient flows through them
+            xf = x.float()
+            sigma = xf.std(dim=-1, keepdim=True, unbiased=False)
+            mu = xf.mean(dim=-1, keepdim=True)
+            eps1 = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            eps2 = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            n1 = 1.0 + self.mult_std * sigma * eps1
+            n2 = self.add_std * sigma * eps2
+            if self.add_mean:
+                n2 = n2 + mu
+        return (n1.to(x.dtype) * x + n2.to(x.dtype))

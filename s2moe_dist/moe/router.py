@@ -1,0 +1,105 @@
+"""Top-k router (DESIGN.md 1.2): fp32 logits, softmax, top-k, combine weights, capacity drops.
+
+Combine weights: renormalised over the kept experts for layers trained with k >= 2 (also at
+another eval_k), the raw top-1 probability for k = 1 (Switch / DeepSpeed), so the router learns
+from the task loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    probs: torch.Tensor       # [T, E] fp32 router probabilities
+    expert_idx: torch.Tensor  # [T, k] chosen experts before capacity drops (for the balance loss)
+    dispatch_idx: torch.Tensor  # [T, k] experts to dispatch to; -1 marks a dropped slot
+    weights: torch.Tensor     # [T, k] fp32 combine weights (0 for dropped slots)
+    num_dropped: int = 0
+
+    @property
+    def drop_fraction(self) -> float:
+        return self.num_dropped / max(1, self.expert_idx.numel())
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's rule, generalised to k: ceil(T * k / E * capacity_factor), at least min_capacity."""
+    return max(int(math.ceil(num_tokens * k / num_experts * capacity_factor)), int(min_capacity))
+
+
+def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, cap: int, random_first: bool = False) -> torch.Tensor:
+    """[T, k] bool: which slots fit in their expert's capacity.
+
+    Priority as DeepSpeed's top-2 gate: every first choice before any second choice, token order
+    within a choice (random order among first choices with ``random_first``, DeepSpeed's RTS).
+    Computed by sorting, so no [T, E, capacity] tensor is ever made.
+    """
+    T, k = expert_idx.shape
+    prio_tok = torch.arange(T, device=expert_idx.device)
+    if random_first:
+        prio_tok = torch.randperm(T, device=expert_idx.device)
+    # slot (t, j) gets priority j*T + rank(t); sort slots by (expert, priority)
+    prio = (torch.arange(k, device=expert_idx.device).unsqueeze(0) * T + prio_tok.unsqueeze(1)).reshape(-1)
+    experts = expert_idx.reshape(-1)
+    key = experts * (k * T) + prio
+    order = torch.argsort(key)
+    sorted_e = experts[order]
+    counts = torch.bincount(sorted_e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_sorted = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted
+    return (pos < cap).reshape(T, k)
+
+
+class TopKRouter(nn.Module):
+    """``weight``: [E, d], no bias. Logits in fp32 even under bf16 autocast."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        bound = 1.0 / math.sqrt(hidden_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor, k: int, renormalize: bool, *, capacity_factor: Optional[float] = None,
+                min_capacity: int = 0, use_rts: bool = False, second_expert_sampling: bool = False) -> Routing:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        return self.route_probs(probs, logits, k, renormalize, capacity_factor=capacity_factor,
+                                min_capacity=min_capacity, use_rts=use_rts,
+                                second_expert_sampling=second_expert_sampling)
+
+    def route_probs(self, probs, logits, k, renormalize, *, capacity_factor=None, min_capacity=0,
+                    use_rts=False, second_expert_sampling=False) -> Routing:
+        if second_expert_sampling and k == 2:
+            # DeepSpeed's top2_2nd_expert_sampling: Gumbel noise picks the second expert.
+            first = logits.argmax(dim=-1, keepdim=True)
+            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)).clamp_min(1e-20))
+            noisy = (logits + gumbel).scatter(1, first, float("-inf"))
+            idx = torch.cat([first, noisy.argmax(dim=-1, keepdim=True)], dim=1)
+        else:
+            idx = torch.topk(probs, k, dim=-1).indices
+        top_p = probs.gather(1, idx)
+        dispatch_idx, num_dropped = idx, 0
+        if capacity_factor is not None and idx.shape[0] > 0:
+            cap = capacity(idx.shape[0], self.num_experts, k, capacity_factor, min_capacity)
+            keep = capacity_keep_mask(idx, self.num_experts, cap, random_first=use_rts)
+            num_dropped = int((~keep).sum())
+            if num_dropped:
+                top_p = top_p * keep
+                dispatch_idx = torch.where(keep, idx, torch.full_like(idx, -1))
+        if renormalize:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
+        return Routing(probs=probs, expert_idx=idx, dispatch_idx=dispatch_idx, weights=top_p,
+                       num_dropped=num_dropped)
