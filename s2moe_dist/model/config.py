@@ -1,0 +1,106 @@
+"""``ModelConfig``: the character LM's shape. Every check names the field (``model.<field>``)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ..config import S2MoEConfig, check_choice, check_float, check_int, config_error, from_mapping
+
+POS_ENCODINGS = ("learned", "rotary")
+DENSE_ACTIVATIONS = ("relu", "gelu")
+OWNER = "model"
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise config_error(owner, name, value, "must be true or false")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only character LM: pre-LN blocks, causal attention, S2MoE FFN every ``moe_every``.
+
+    ``moe`` holds the S2MoE layer's fields (``S2MoEConfig`` without ``hidden_size``, which is
+    ``d_model``), e.g. ``{num_experts: 16, k: 2, ffn_hidden_size: 512, moe_type: smoe}``.
+    """
+
+    vocab_size: Optional[int] = None  # None: taken from the data set when the model is built
+    seq_len: int = 128
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # hidden size of the dense MLP layers; default 4 * d_model
+    dropout: float = 0.0
+    activation: str = "gelu"  # dense MLP activation
+    pos_encoding: str = "learned"
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    moe_every: int = 1  # block i has an S2MoE FFN when (i + 1) % moe_every == 0; 0: no MoE
+    moe: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None and isinstance(self.d_model, int):
+            self.d_ff = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        o = OWNER
+        if self.vocab_size is not None:
+            check_int(o, "vocab_size", self.vocab_size, 2)
+        check_int(o, "seq_len", self.seq_len, 1)
+        check_int(o, "n_layers", self.n_layers, 1)
+        check_int(o, "d_model", self.d_model, 1)
+        check_int(o, "n_heads", self.n_heads, 1)
+        check_int(o, "d_ff", self.d_ff, 1)
+        if self.d_model % self.n_heads:
+            raise config_error(o, "n_heads", self.n_heads,
+                               f"must divide d_model ({self.d_model}); e.g. n_heads in "
+                               f"{[h for h in range(1, min(self.d_model, 32) + 1) if self.d_model % h == 0]}")
+        check_float(o, "dropout", self.dropout)
+        if self.dropout >= 1:
+            raise config_error(o, "dropout", self.dropout, "must be in [0, 1)")
+        check_choice(o, "activation", self.activation, DENSE_ACTIVATIONS)
+        check_choice(o, "pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise config_error(o, "pos_encoding", "rotary",
+                               f"needs an even head size (d_model / n_heads = {self.head_dim}); "
+                               "change n_heads or use pos_encoding=learned")
+        check_float(o, "rotary_base", self.rotary_base, strict=True)
+        check_bool(o, "tie_embeddings", self.tie_embeddings)
+        check_int(o, "moe_every", self.moe_every, 0)
+        if not isinstance(self.moe, dict):
+            raise config_error(o, "moe", self.moe, "must be a mapping of S2MoEConfig fields")
+        if "hidden_size" in self.moe:
+            raise config_error(o, "moe.hidden_size", self.moe["hidden_size"],
+                               "is set by model.d_model; remove it from model.moe")
+        self.moe_config()  # validates the layer's fields now, before anything is built
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_block(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_blocks(self):
+        return [i for i in range(self.n_layers) if self.is_moe_block(i)]
+
+    def moe_config(self, **overrides) -> S2MoEConfig:
+        """The S2MoE layer config of this model (``hidden_size = d_model``)."""
+        fields = {**self.moe, **overrides}
+        try:
+            return from_mapping(S2MoEConfig, {"hidden_size": self.d_model, **fields}, "S2MoEConfig")
+        except TypeError as e:  # a missing/odd argument from the dataclass itself
+            raise ValueError(f"model.moe: {e}") from None
+        except ValueError as e:  # "S2MoEConfig.k=0 ..." -> "model.moe.k=0 ..."
+            msg = str(e).replace("S2MoEConfig.", "model.moe.").replace("S2MoEConfig:", "model.moe:")
+            raise ValueError(msg if msg.startswith("model.moe") else f"model.moe: {msg}") from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_config_from_dict(data) -> ModelConfig:
+    return from_mapping(ModelConfig, data, OWNER)
