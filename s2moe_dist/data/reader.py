@@ -10,7 +10,7 @@ import gzip
 import os
 import zipfile
 import zlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 CHUNK = 8 << 20  # 8 MiB: bounded memory whatever the corpus size
 
@@ -72,10 +72,11 @@ def _open_stream(path: str, fmt: str):
                 yield f
 
 
-def iter_chunks(path: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+def iter_chunks(path: str, chunk_size: Optional[int] = None) -> Iterator[bytes]:
     """Yield the decompressed bytes of ``path`` in chunks. A damaged archive raises ValueError
     ('truncated or corrupt'); an archive that decompresses to nothing raises 'is empty'."""
     check_file(path)
+    chunk_size = chunk_size or CHUNK
     fmt = archive_format(path)
     total = 0
     try:
