@@ -142,8 +142,8 @@ class S2MoEConfig:
             raise config_error(o, "noisy_gate_policy", self.noisy_gate_policy,
                                "S2MoE brings its own Gaussian noise module (noise_mult_std / noise_add_std); "
                                "set noisy_gate_policy=None")
-        if self.top2_2nd_expert_sampling and self.k != 2:
-            raise config_error(o, "top2_2nd_expert_sampling", True, "only meaningful with k=2; set it False")
+        # top2_2nd_expert_sampling acts only at k=2 and is ignored otherwise, as in DeepSpeed, whose
+        # default (and Megatron-DeepSpeed's, with topk=1) is True: refusing it would break drop-in use.
 
 
 def moe_config_from_dict(data: Mapping[str, Any]) -> S2MoEConfig:
