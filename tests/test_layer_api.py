@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2moe_dist import S2MoE, S2MoEConfig, s2moe_aux_loss
+from s2moe_dist import S2MoE, S2MoEConfig, S2MoELayer, s2moe_aux_loss
 from s2moe_dist.moe.experts import ExpertBank
 from test_layer_reference import make_layer, ref_routing, ref_smoe
 
 DEEPSPEED_KWARGS = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
                     "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts", "use_tutel",
                     "enable_expert_tensor_parallelism", "top2_2nd_expert_sampling")
+
+
+# the pure PyTorch layer, and the public name (its DeepSpeed-facing subclass when DeepSpeed is installed)
+CLASSES = pytest.mark.parametrize("cls", [S2MoELayer, S2MoE], ids=["S2MoELayer", "S2MoE"])
 
 
 def deepspeed_moe_signature():
@@ -26,10 +30,11 @@ def deepspeed_moe_signature():
 def test_public_names():
     import s2moe_dist
     assert {"S2MoE", "S2MoEConfig", "s2moe_aux_loss"} <= set(s2moe_dist.__all__)
-    assert issubclass(S2MoE, nn.Module)
+    assert issubclass(S2MoE, S2MoELayer)
 
 
-def test_every_deepspeed_moe_keyword_in_deepspeed_order():
+@CLASSES
+def test_every_deepspeed_moe_keyword_in_deepspeed_order(cls):
     """The keywords (and positional order) of the installed deepspeed.moe.layer.MoE."""
     params = list(deepspeed_moe_signature())
     assert params[:2] == ["self", "hidden_size"] and tuple(params[2:]) == DEEPSPEED_KWARGS
@@ -37,21 +42,43 @@ def test_every_deepspeed_moe_keyword_in_deepspeed_order():
     # DeepSpeed's own defaults (drop_tokens, use_rts, top2_2nd_expert_sampling all True), k=1 as
     # Megatron-DeepSpeed passes them: accepted, nothing that raises among them.
     defaults = {n: p.default for n, p in deepspeed_moe_signature().items() if n not in ("self", "hidden_size", "expert")}
-    layer = S2MoE(8, expert, **{**defaults, "num_experts": 4})
+    layer = cls(8, expert, **{**defaults, "num_experts": 4})
     for name, value in defaults.items():
         if name != "num_experts":
             assert getattr(layer.config, name) == value, name
     # positional, in DeepSpeed's order
     values = (4, 1, 2, 1.5, 2.5, 3, False, None, True, False, False, False, False)
-    layer = S2MoE(8, expert, *values)
+    layer = cls(8, expert, *values)
     for name, value in zip(DEEPSPEED_KWARGS[1:], values):
         assert getattr(layer.config, name) == value, name
 
 
-def test_s2moe_call_conventions_agree():
-    a = S2MoE(8, 4, 2, 16).config                       # positional: num_experts, k, ffn_hidden_size
-    b = S2MoE(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16).config
-    c = S2MoE(config=S2MoEConfig(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16)).config
+class _TupleExpert(nn.Module):
+    """Megatron-DeepSpeed's ParallelMLP returns (output, bias); DeepSpeed keeps output[0]."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.bias
+
+
+def test_expert_returning_a_tuple_uses_its_first_element():
+    torch.manual_seed(0)
+    layer = S2MoE(6, _TupleExpert(6), num_experts=2, k=1).eval()
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        y, _, _ = layer(x)
+        want = ref_smoe(x, layer, 1, expert=lambda e, xt: layer.experts.experts[e].fc(xt))[0]
+    torch.testing.assert_close(y, want)
+
+
+@CLASSES
+def test_s2moe_call_conventions_agree(cls):
+    a = cls(8, 4, 2, 16).config                       # positional: num_experts, k, ffn_hidden_size
+    b = cls(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16).config
+    c = cls(config=S2MoEConfig(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16)).config
     assert a == b == c
     assert S2MoEConfig(hidden_size=8).ffn_hidden_size == 32 and S2MoEConfig(hidden_size=8, k=3).eval_k == 3
 
@@ -65,8 +92,9 @@ def test_defaults_that_differ_from_deepspeed():
 
 
 # ---- forward contract -----------------------------------------------------------------------
-def test_forward_returns_output_l_aux_and_expert_counts():
-    layer = make_layer(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16)
+@CLASSES
+def test_forward_returns_output_l_aux_and_expert_counts(cls):
+    layer = make_layer(cls=cls, hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16)
     x = torch.randn(2, 5, 8, requires_grad=True)  # InfoNCE on the inputs trains what made x
     y, l_aux, counts = layer(x)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -82,16 +110,19 @@ def test_forward_returns_output_l_aux_and_expert_counts():
 
 
 # ---- parameter layout -----------------------------------------------------------------------
+@CLASSES
 @pytest.mark.parametrize("activation,bias", [("gelu", False), ("relu", True), ("swiglu", False), ("swiglu", True)])
-def test_parameter_layout(activation, bias):
+def test_parameter_layout(cls, activation, bias):
     E, d, h = 4, 8, 6
-    layer = S2MoE(d, num_experts=E, k=2, ffn_hidden_size=h, activation=activation, expert_bias=bias)
+    layer = cls(d, num_experts=E, k=2, ffn_hidden_size=h, activation=activation, expert_bias=bias)
     w = 2 * h if activation == "swiglu" else h
     want = {"router.weight": (E, d), "experts.w1": (E, d, w), "experts.w2": (E, h, d),
             "gate.weight": (1, d), "gate.bias": (1,)}
     if bias:
         want.update({"experts.b1": (E, w), "experts.b2": (E, d)})
-    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == want
+    assert {k: tuple(v.shape) for k, v in layer.named_parameters()} == want
+    if cls is S2MoELayer:  # (DeepSpeed's subclass writes the bank in DeepSpeed's per-expert keys)
+        assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == want
     if bias:  # expert biases start at zero, like an untouched residual
         assert not layer.experts.b1.any() and not layer.experts.b2.any()
 
@@ -109,9 +140,10 @@ def test_swiglu_w1_is_gate_half_then_up_half():
     assert not torch.allclose(y, up_gate)
 
 
-def test_state_dict_round_trip_reproduces_the_layer():
-    a = make_layer(seed=0, hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16, expert_bias=True)
-    b = make_layer(seed=1, hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16, expert_bias=True)
+@CLASSES
+def test_state_dict_round_trip_reproduces_the_layer(cls):
+    a = make_layer(seed=0, cls=cls, hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16, expert_bias=True)
+    b = make_layer(seed=1, cls=cls, hidden_size=8, num_experts=4, k=2, ffn_hidden_size=16, expert_bias=True)
     x = torch.randn(12, 8)
     assert not torch.allclose(a.eval()(x)[0], b.eval()(x)[0])
     b.load_state_dict(a.state_dict())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from s2moe_dist import S2MoE, s2moe_aux_loss
+from s2moe_dist import S2MoELayer as S2MoE, s2moe_aux_loss  # the pure PyTorch layer
 from s2moe_dist.moe.noise import GaussianNoise
 from test_layer_reference import ALIGNED, ODD, capture_noise, make_layer, ref_gate, ref_smoe
 

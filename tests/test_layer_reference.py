@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from s2moe_dist import S2MoE
+from s2moe_dist import S2MoE, S2MoELayer
 
 ODD = dict(d=7, h=5, E=5, T=23)       # not 16-byte aligned: the expert bank's per-expert fallback
 ALIGNED = dict(d=8, h=12, E=4, T=32)  # aligned: the grouped_mm path
@@ -94,11 +94,11 @@ def capture_noise(layer):
     return seen
 
 
-def make_layer(seed=0, **kw):
+def make_layer(seed=0, cls=None, **kw):
+    """The pure PyTorch layer by default (the public ``S2MoE`` is its DeepSpeed-facing subclass
+    when DeepSpeed is installed)."""
     torch.manual_seed(seed)
-    d = kw.pop("hidden_size")
-    layer = S2MoE(hidden_size=d, **kw)
-    return layer
+    return (cls or S2MoELayer)(**kw)
 
 
 # ---- the tests ------------------------------------------------------------------------------
@@ -106,7 +106,9 @@ def make_layer(seed=0, **kw):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_eval_and_noise_free_training_equal_reference(shape, activation, k):
-    layer = make_layer(hidden_size=shape["d"], num_experts=shape["E"], k=k, ffn_hidden_size=shape["h"],
+    # k=2 swiglu: the public S2MoE class too (DeepSpeed's subclass when DeepSpeed is installed)
+    cls = S2MoE if (k, activation) == (2, "swiglu") else S2MoELayer
+    layer = make_layer(cls=cls, hidden_size=shape["d"], num_experts=shape["E"], k=k, ffn_hidden_size=shape["h"],
                        activation=activation)
     x = torch.randn(shape["T"], shape["d"])
     with torch.no_grad():
@@ -287,3 +289,20 @@ def test_aligned_shapes_run_grouped_mm_odd_shapes_fall_back(shape, grouped):
     with torch.no_grad(), Ops() as mode:
         layer(torch.randn(shape["T"], shape["d"]))
     assert (torch.ops.aten._grouped_mm in mode.ops) == grouped
+
+
+@pytest.mark.parametrize("shape", [ODD, ALIGNED], ids=["odd", "aligned"])
+def test_experts_without_tokens(shape):
+    """Empty expert groups (grouped_mm with repeated offsets): right output, zero finite grads."""
+    layer = make_layer(hidden_size=shape["d"], num_experts=shape["E"], k=2, ffn_hidden_size=shape["h"],
+                       noise_mult_std=0.0, noise_add_std=0.0)
+    with torch.no_grad():
+        layer.router.weight[2:] = -100.0  # no token picks experts 2.. as long as x has a positive sum
+    x = torch.rand(shape["T"], shape["d"]) + 0.5
+    y, _, counts = layer(x)
+    assert counts[2:].sum() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref_smoe(x, layer, 2)[0], rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    g = layer.experts.w1.grad
+    assert torch.isfinite(g).all() and g[:2].abs().sum() > 0 and not g[2:].any()

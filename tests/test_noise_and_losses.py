@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from s2moe_dist import S2MoE
+from s2moe_dist import S2MoELayer as S2MoE  # the pure PyTorch layer
 from s2moe_dist.moe.losses import balance_loss, infonce_loss, sample_token_rows
 from s2moe_dist.moe.noise import GaussianNoise
 from test_layer_grads import ref_balance, ref_infonce
