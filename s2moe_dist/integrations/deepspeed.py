@@ -1,0 +1,293 @@
+"""S2MoE as DeepSpeed's engine must see it: a drop-in for ``deepspeed.moe.layer.MoE``.
+
+What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for it:
+
+- The engine finds MoE layers with ``isinstance(m, deepspeed.moe.layer.MoE)``; only then are
+  expert gradients reduced over the expert-data-parallel (EDP) group instead of averaged over
+  everything, experts broadcast within EDP groups only, and expert checkpoints written.
+  ``DeepSpeedS2MoE`` is an ``S2MoELayer`` AND a ``MoE`` (``nn.Module`` initialised once, none of
+  DeepSpeed's gate/experts built).
+- Expert parameters carry ``allreduce=False`` and ``group_name="ep_size_N"`` like DeepSpeed's, so
+  ``split_params_into_different_moe_groups_for_optimizer`` and ZeRO 1/2 treat them as MoE params.
+- ``set_deepspeed_parallelism`` (called by ``deepspeed.initialize``) creates DeepSpeed's groups and
+  puts the fused all-to-all dispatcher on DeepSpeed's EP group. A layer the engine never saw (built
+  after ``deepspeed.initialize``) moves onto the same groups at its first forward.
+- Inside ``deepspeed.initialize`` the layer checks the engine it is being attached to: ZeRO-3 and an
+  optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
+  under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
+  once (0.19.8's ``clip_grad_norm_`` AVERAGES the per-rank norms, which is wrong under EP).
+- Checkpoints: see ``ds_checkpoint.py`` (state-dict hooks) and ``reshard.py`` (change of EP size).
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+import deepspeed
+from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups as ds_groups
+
+from ..moe.a2a_dispatcher import AllToAllDispatcher
+from ..moe.layer import S2MoELayer
+from .ds_checkpoint import split_expert_state, stack_expert_state
+
+ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
+               "S2MoE is to the engine, is not supported under ZeRO stage 3 (the engine refuses MoE layers "
+               "with stage 3). Use zero_optimization.stage 1 or 2 (configs/deepspeed/zero1_*.json, "
+               "zero2_*.json; zero2_offload.json to keep optimizer state in CPU memory).")
+
+PARAM_GROUP_FIX = ("Build the optimizer from s2moe_dist.integrations.deepspeed.s2moe_param_groups(model) "
+                   "(or deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer), e.g. "
+                   "torch.optim.AdamW(s2moe_param_groups(model, weight_decay=0.1), lr=...)")
+
+
+class _MoEType(_DeepSpeedMoE):
+    """``deepspeed.moe.layer.MoE`` for ``isinstance`` only: its __init__ (gate, deep-copied experts)
+    is skipped, ``nn.Module.__init__`` runs once."""
+
+    def __init__(self, *args, **kwargs):
+        nn.Module.__init__(self)
+
+
+def mark_expert_params(module: nn.Module, group_name: str) -> None:
+    """Mark every parameter of ``module`` as an expert parameter the way DeepSpeed's ``Experts`` does."""
+    for p in module.parameters():
+        p.allreduce = False
+        p.group_name = group_name
+
+
+class DeepSpeedS2MoE(S2MoELayer, _MoEType):
+    """The S2MoE layer as a ``deepspeed.moe.layer.MoE``. Same arguments and forward as ``S2MoELayer``
+    (which accepts ``MoE``'s arguments too); see the module docstring for what changes."""
+
+    def __init__(self, hidden_size=None, *args, config=None, **kwargs):
+        super().__init__(hidden_size, *args, config=config, **kwargs)
+        self.expert_group_name = f"ep_size_{self.ep_size}"
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
+        mark_expert_params(self.experts, self.expert_group_name)
+        self.register_state_dict_post_hook(split_expert_state)
+        self.register_load_state_dict_pre_hook(stack_expert_state)
+
+    # ---- groups -------------------------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by ``deepspeed.initialize`` on every module that has it."""
+        engine = _calling_engine()
+        if engine is not None:
+            check_engine(engine)
+        self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            if ds_groups.mpu is None or not self.enable_expert_tensor_parallelism:
+                ds_groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+            else:
+                ds_groups._create_expert_data_and_model_parallel(
+                    self.ep_size, mpu=ds_groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        group = ds_groups._get_expert_parallel_group(self.expert_group_name)
+        # the D+E topology (use_data_before_expert_parallel_) orders EP ranks differently
+        self.ep_rank = ds_groups._get_expert_parallel_rank(self.expert_group_name)
+        self.first_expert = self.ep_rank * self.num_local_experts
+        if self.ep_size > 1 and (self._dispatcher is None or type(self._dispatcher) is AllToAllDispatcher):
+            self.set_dispatcher(AllToAllDispatcher(self.num_experts, self.ep_size, group=group))
+
+    @property
+    def dispatcher(self):
+        # a layer deepspeed.initialize never saw: move onto DeepSpeed's groups at first use
+        if self._dispatcher is None and self.ep_size > 1:
+            _ensure_deepspeed_comm()
+            self._create_process_groups()
+        return S2MoELayer.dispatcher.fget(self)
+
+
+def _ensure_deepspeed_comm() -> None:
+    import torch.distributed as dist
+    if not deepspeed.comm.is_initialized():
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("S2MoE with ep_size > 1 needs torch.distributed initialized: call "
+                             "deepspeed.init_distributed() before building the model")
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+
+
+def _calling_engine(max_depth: int = 6):
+    """The ``DeepSpeedEngine`` whose __init__ is calling us (``_configure_distributed_model``), if any."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, DeepSpeedEngine):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+# ---- engine checks ------------------------------------------------------------------------------
+def engine_wraps_optimizer(engine) -> bool:
+    """Whether DeepSpeed wraps the optimizer (ZeRO 1/2, bf16/fp16 optimizers): those need MoE param groups."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def check_engine(engine) -> None:
+    """Checks made while ``deepspeed.initialize`` attaches a model holding S2MoE layers."""
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError(ZERO3_ERROR)
+    opt = engine.client_optimizer
+    if isinstance(opt, torch.optim.Optimizer) and engine_wraps_optimizer(engine):
+        check_param_groups(opt.param_groups)
+    if not engine_wraps_optimizer(engine):
+        install_moe_grad_clipping(engine)
+
+
+def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
+    """Every expert parameter must sit in a group marked ``moe=True`` and named after its EP group;
+    raises ValueError naming the group and the fix otherwise."""
+    for i, group in enumerate(param_groups):
+        params = list(group["params"])
+        experts = [p for p in params if is_moe_param(p)]
+        label = f"optimizer param group {i}" + (f" ({group['name']!r})" if "name" in group else "")
+        if group.get("moe", False):
+            names = {p.group_name for p in experts}
+            if len(experts) != len(params) or names != {group.get("name")}:
+                raise ValueError(f"{label} is marked moe=True but must hold only expert parameters of one "
+                                 f"expert group and be named after it (found {sorted(names)}). {PARAM_GROUP_FIX}")
+        elif experts:
+            raise ValueError(f"{label} mixes {len(experts)} S2MoE expert parameter(s) into a group without "
+                             "'moe': True, so DeepSpeed's ZeRO/bf16 optimizer would reduce and partition them "
+                             "like dense ones (its own check: 'None of the param groups are marked as MoE'). "
+                             + PARAM_GROUP_FIX)
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith("bias") or name.endswith(("experts.b1", "experts.b2"))
+
+
+def s2moe_param_groups(model: nn.Module, weight_decay: float = 0.0, **options) -> List[Dict[str, Any]]:
+    """Optimizer param groups for a model holding S2MoE (or DeepSpeed MoE) layers.
+
+    Dense parameters go to ``"decay"`` (weight_decay) and ``"no_decay"`` (biases, 1-D params such as
+    norms; weight_decay 0); expert parameters are split out by DeepSpeed's own
+    ``split_params_into_different_moe_groups_for_optimizer`` into ``moe=True`` groups named
+    ``"ep_size_N"`` (the names ZeRO looks their EDP group up by). ``options`` (lr, betas, ...) are
+    copied into every group. Empty groups are dropped.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay, **options},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, **options}]
+    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    return [g for g in groups if g["params"]]
+
+
+# ---- gradient norm under expert parallelism ------------------------------------------------------
+def global_grad_norm(parameters: Iterable[torch.Tensor], mpu=None, norm_type: float = 2.0) -> float:
+    """2-norm of all gradients of the model, each expert shard counted once: dense gradients (equal on
+    every data-parallel rank after reduction) once, expert gradients summed over their EP group.
+    Same combination as DeepSpeed's BF16 optimizer (``get_norm_with_moe_layers``). Collective: every
+    rank calls it. Returns -1 if a gradient is inf/NaN (DeepSpeed's convention)."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors, get_norm_with_moe_layers, \
+        is_model_parallel_parameter
+    dense: List[torch.Tensor] = []
+    expert: Dict[str, List[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if is_moe_param(p):
+            expert[p.group_name].append(p.grad)
+        elif mpu is None or is_model_parallel_parameter(p) or mpu.get_model_parallel_rank() == 0:
+            dense.append(p.grad)
+    if not dense:
+        dense.append(torch.zeros(1))
+    dense_norm = get_global_norm_of_tensors(dense, mpu=mpu, norm_type=norm_type)
+    for name in ds_groups._get_expert_parallel_group_dict():  # every rank joins every group's reduction
+        if not expert[name]:
+            expert[name].append(torch.zeros(1))
+    ordered = {name: expert[name] for name in sorted(expert)}
+    return float(get_norm_with_moe_layers(dense_norm, mpu=mpu, expert_tensors=ordered, norm_type=norm_type))
+
+
+def install_moe_grad_clipping(engine) -> None:
+    """Replace this engine's ZeRO-0 fp32 clipping (``clip_fp32_gradients``), which averages per-rank
+    norms, with one using ``global_grad_norm``; the norm is also reported by ``get_global_grad_norm()``."""
+    import types
+
+    def clip_fp32_gradients(self):
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, mpu=self.mpu)
+        self._global_grad_norm = norm
+        if norm < 0:  # inf/NaN gradients: leave them for the caller to see
+            return
+        coef = self.gradient_clipping() / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coef)
+
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+# ---- config validation --------------------------------------------------------------------------
+def _get(cfg: Mapping[str, Any], path: str, default=None):
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _enabled(cfg, section: str) -> bool:
+    return bool(_get(cfg, f"{section}.enabled", False))
+
+
+def validate_deepspeed_config(ds_config: Mapping[str, Any], model_has_moe: bool = True,
+                              client_optimizer: bool = True, device: Optional[str] = None) -> None:
+    """Check a DeepSpeed config dict before any process group exists. Raises ValueError naming the
+    field, the value and the fix for what DeepSpeed would reject late, or silently get wrong, with
+    S2MoE: ZeRO-3 with MoE, fp16 on CPU, fp16+bf16, ZeRO's MoE requirements, offload with a torch
+    optimizer. ``client_optimizer``: a torch optimizer is passed to ``deepspeed.initialize``.
+    ``device``: "cpu"/"cuda"; default: DeepSpeed's accelerator."""
+    from ..config import check_choice, check_float, check_int, config_error
+    o = "ds_config"
+    if not isinstance(ds_config, Mapping):
+        raise ValueError(f"ds_config must be a dict (the parsed DeepSpeed JSON), got {type(ds_config).__name__}")
+    stage = _get(ds_config, "zero_optimization.stage", 0)
+    check_choice(o, "zero_optimization.stage", stage, (0, 1, 2, 3))
+    if stage == 3 and model_has_moe:
+        raise ValueError(ZERO3_ERROR)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in ds_config:
+            check_int(o, key, ds_config[key], 1)
+    if "gradient_clipping" in ds_config:
+        check_float(o, "gradient_clipping", ds_config["gradient_clipping"])
+    fp16, bf16 = _enabled(ds_config, "fp16"), _enabled(ds_config, "bf16")
+    if fp16 and bf16:
+        raise config_error(o, "fp16.enabled", True, "fp16 and bf16 cannot both be enabled; pick one")
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().device_name()
+    if fp16 and device == "cpu":
+        raise config_error(o, "fp16.enabled", True, "DeepSpeed's CPU accelerator has no fp16 training; use "
+                           "bf16 (bf16.enabled: true) or fp32 on CPU")
+    if model_has_moe and stage in (1, 2):
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if _get(ds_config, f"zero_optimization.{key}", True) is False:
+                raise config_error(o, f"zero_optimization.{key}", False,
+                                   f"DeepSpeed's ZeRO stage {stage} supports MoE only with {key}: true")
+    offload = _get(ds_config, "zero_optimization.offload_optimizer.device", "none")
+    if offload in ("cpu", "nvme"):
+        if stage not in (1, 2, 3):
+            raise config_error(o, "zero_optimization.offload_optimizer.device", offload,
+                               "optimizer offload needs zero_optimization.stage 1 or 2")
+        if client_optimizer and "optimizer" not in ds_config and ds_config.get("zero_force_ds_cpu_optimizer", True):
+            raise config_error(o, "zero_force_ds_cpu_optimizer", ds_config.get("zero_force_ds_cpu_optimizer", True),
+                               "optimizer offload with a torch optimizer needs \"zero_force_ds_cpu_optimizer\": false "
+                               "(or an \"optimizer\" section, which selects DeepSpeedCPUAdam)")
