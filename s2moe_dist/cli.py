@@ -1,0 +1,136 @@
+"""Console scripts: ``s2moe-train``, ``s2moe-eval``, ``s2moe-ckpt``.
+
+    s2moe-train --config configs/model/tiny.yaml --deepspeed configs/deepspeed/zero1_fp32.json \\
+                [--data text8.gz] [--set train.steps=100 model.moe.moe_type=smoe] [--resume auto] [--output DIR]
+    s2moe-eval  --checkpoint DIR [--data FILE] [--eval-k 1 2] [--split test] [--json]
+    s2moe-ckpt  ...   (checkpoint tools: s2moe_dist.integrations.reshard)
+
+Bad arguments and configs exit with status 2 and one line naming the field and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+
+def _fail(prog: str, err: Exception) -> int:
+    print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2moe-train", description="Pre-train the S2MoE character LM on DeepSpeed.")
+    p.add_argument("--config", required=True, help="run YAML (model/train/data), e.g. configs/model/tiny.yaml")
+    p.add_argument("--deepspeed", default=None,
+                   help="DeepSpeed JSON (ZeRO stage, bf16, offload), e.g. configs/deepspeed/zero1_fp32.json; "
+                        "default: ZeRO-0 fp32")
+    p.add_argument("--data", default=None, help="text8 / enwik8 file (plain, .gz, .zip); default: built-in corpus")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. train.steps=100 model.moe.num_experts=16")
+    p.add_argument("--resume", default=None,
+                   help="'auto': continue from this run's last complete checkpoint (fresh start if none); "
+                        "or a checkpoints/global_stepN folder")
+    p.add_argument("--output", default=None, help="run folder (TensorBoard, checkpoints, metrics); "
+                                                  "default runs/<config name>")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    from .train.trainer import TrainArgs, train
+    targs = TrainArgs(config=args.config, deepspeed=args.deepspeed, data=args.data, overrides=args.overrides,
+                      resume=args.resume, output=args.output)
+    try:
+        return train(targs)
+    except ValueError as e:
+        return _fail("s2moe-train", e)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2moe-eval", description="Bits per character of an s2moe-train checkpoint.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's --output folder, its checkpoints/ folder or a checkpoints/global_stepN folder")
+    p.add_argument("--data", default=None, help="text8 / enwik8 file; default: the file the run trained on")
+    p.add_argument("--eval-k", type=int, nargs="+", default=None,
+                   help="experts per token at inference (default: the run's train.eval_k)")
+    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="split of the file")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default all)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, eval_k: Optional[List[int]] = None,
+                        split: str = "test", max_windows: Optional[int] = None, batch_size: int = 16) -> dict:
+    import torch
+
+    from .data import EvalBatches, load_corpus
+    from .train.evaluate import bpc
+    from .train.load import load_model
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size={batch_size} is invalid: must be >= 1")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows={max_windows} is invalid: must be >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, run, state = load_model(checkpoint, device=device)
+    path = data if data is not None else run.data.path
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"--data {path!r}: no such file" + ("" if data else " (the file the run trained on); "
+                                                               "pass --data"))
+    corpus = load_corpus(path, kind=run.data.kind, split=tuple(run.data.split), cache_dir=run.data.cache_dir)
+    if corpus.vocab_size > run.model.vocab_size:
+        raise ValueError(f"--data {path!r}: {corpus.kind} has {corpus.vocab_size} symbols, the model was trained "
+                         f"with vocab_size={run.model.vocab_size}")
+    ks = eval_k or list(run.train.eval_k)
+    n_exp = run.model.moe_config().num_experts
+    bad = [k for k in ks if not 1 <= k <= n_exp]
+    if bad:
+        raise ValueError(f"--eval-k {bad} is invalid: each value must be in [1, num_experts={n_exp}]")
+    tokens = corpus.get_split(split)
+    bs = min(batch_size, max_windows) if max_windows else batch_size
+    batches = EvalBatches(tokens, run.model.seq_len, bs, 0, 1,
+                          max_batches=-(-max_windows // bs) if max_windows else None)
+    result = bpc(model, batches, ks, device)
+    return {"checkpoint": state["checkpoint"], "step": state["step"], "data": path or "builtin",
+            "split": split, "characters_scored": batches.num_targets,
+            "bpc": {str(k): v for k, v in result.items()}}
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    args = eval_parser().parse_args(argv)
+    try:
+        out = evaluate_checkpoint(args.checkpoint, args.data, args.eval_k, args.split, args.max_windows,
+                                  args.batch_size)
+    except ValueError as e:
+        return _fail("s2moe-eval", e)
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"checkpoint {out['checkpoint']} (step {out['step']}), {out['data']} {out['split']} split, "
+              f"{out['characters_scored']} characters")
+        for k, v in out["bpc"].items():
+            print(f"BPC k={k}: {v:.4f}")
+    return 0
+
+
+def ckpt_main(argv: Optional[List[str]] = None) -> int:
+    from .integrations.reshard import main
+    return main(argv)
+
+
+if __name__ == "__main__":  # python -m s2moe_dist.cli {train,eval,ckpt} ...
+    commands = {"train": train_main, "eval": eval_main, "ckpt": ckpt_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(f"usage: python -m s2moe_dist.cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))

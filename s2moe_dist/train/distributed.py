@@ -1,0 +1,135 @@
+"""Rank / world from whichever launcher started us, and process-group start-up.
+
+Launchers and what they set:
+  deepspeed launcher, torchrun      RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+  srun (Slurm)                      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_(JOB_)NODELIST
+  mpirun (Open MPI / MPICH / PMIx)  OMPI_COMM_WORLD_* / PMI_* / PMIX_RANK: DeepSpeed's MPI
+                                    discovery (mpi4py) fills in the rest
+  nothing                           a single process on a free local port
+``resolve_launch`` only reads the environment (no process group), so configs that depend on
+the world size are validated before anything starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class Launch:
+    launcher: str  # "env" (deepspeed / torchrun), "slurm", "mpi" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    env: Dict[str, str]  # variables to export before the process group starts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``node[003-005,010],gpu7`` -> ``node003``.
+
+    Uses ``scontrol show hostnames`` when available (handles every form), else parses the
+    common ``prefix[a-b,c]`` / comma forms itself."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not first:
+        raise ValueError(f"SLURM_NODELIST={nodelist!r}: cannot read the first host; set MASTER_ADDR")
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    lo = ranges.split(",")[0].split("-")[0]
+    return prefix + lo
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
+    env = dict(os.environ if environ is None else environ)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
+        if missing and world > 1:
+            raise ValueError(f"RANK/WORLD_SIZE are set but {missing} are not: start through the deepspeed "
+                             "launcher, torchrun, srun or mpirun, or export them")
+        out = {"LOCAL_RANK": str(local)}
+        if world == 1:
+            out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+            out.setdefault("MASTER_PORT", env.get("MASTER_PORT", str(free_port())))
+        return Launch("env", rank, world, local, out)
+    for rank_var, size_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMIX_RANK", "PMIX_SIZE"),
+                               ("PMI_RANK", "PMI_SIZE")):
+        if rank_var in env:
+            size = _int_env(env, size_var) if size_var in env else None
+            if size is None and rank_var == "PMIX_RANK":
+                size = _int_env(env, "OMPI_COMM_WORLD_SIZE") if "OMPI_COMM_WORLD_SIZE" in env else None
+            if size is None:
+                raise ValueError(f"{rank_var} is set but {size_var} is not: cannot tell the MPI world size")
+            local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))
+            # RANK etc. are filled in by deepspeed.init_distributed's MPI discovery (mpi4py)
+            return Launch("mpi", _int_env(env, rank_var), size, int(local), {})
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        addr = env.get("MASTER_ADDR")
+        if not addr:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ValueError("running under srun without SLURM_NODELIST: set MASTER_ADDR")
+            addr = first_slurm_host(nodelist)
+        # every task must agree on the port without talking: derive it from the job id
+        port = env.get("MASTER_PORT")
+        if not port:
+            port = str(20000 + _int_env(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else DEFAULT_PORT)
+        return Launch("slurm", rank, world, local,
+                      {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                       "MASTER_ADDR": addr, "MASTER_PORT": port})
+    return Launch("single", 0, 1, 0, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                      "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+                                      "MASTER_PORT": env.get("MASTER_PORT", str(free_port()))})
+
+
+def default_backend() -> str:
+    import torch
+    return os.environ.get("S2MOE_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def init_distributed(launch: Launch, backend: Optional[str] = None) -> None:
+    """Export the launcher's variables, pick the device, start DeepSpeed's process group."""
+    import deepspeed
+    import torch
+
+    os.environ.update(launch.env)
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank)
+    port = int(os.environ.get("MASTER_PORT", DEFAULT_PORT))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launch.launcher == "mpi",
+                               distributed_port=port, verbose=False)
+
+
+def device_for(launch: Launch):
+    import torch
+    return torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -1,0 +1,356 @@
+"""``s2moe-train``: the character LM on the DeepSpeed engine.
+
+    setup()  everything that can fail on a bad input, before any process group: run config,
+             world size from the launcher, DeepSpeed JSON, output folder, data file
+    run()    process group, model, engine, resume, then the loop: step, log, eval, checkpoint,
+             signals (checkpoint at the step boundary; SIGTERM then exits 0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import RunConfig, load_run_config
+from .distributed import Launch, device_for, init_distributed, resolve_launch
+from .ds_config import build_ds_config
+from .evaluate import bpc
+from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
+from .signals import SignalFlags
+
+CKPT_SUBDIR = "checkpoints"
+
+
+@dataclass
+class TrainArgs:
+    config: str
+    deepspeed: Optional[str] = None
+    data: Optional[str] = None
+    overrides: List[str] = dataclasses.field(default_factory=list)
+    resume: Optional[str] = None  # None, "auto" or a checkpoint tag folder
+    output: Optional[str] = None
+
+
+@dataclass
+class Setup:
+    args: TrainArgs
+    run: RunConfig
+    launch: Launch
+    ds_config: Dict[str, Any]
+    output: str
+    corpus: Any
+
+
+def lr_at(step: int, t) -> float:
+    """lr for optimizer step ``step`` (0-based): linear warmup, then cosine/linear decay to
+    ``lr * min_lr_ratio`` at ``t.steps`` (or constant)."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    frac = min(1.0, (step - t.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_schedule == "cosine" else 1 - frac
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
+
+
+def default_output(config_path: str) -> str:
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def resolve_resume(resume: Optional[str], ckpt_dir: str):
+    """(checkpoint folder, tag) to resume from, or None. ``auto``: the last complete checkpoint
+    of this run's output, or None for a fresh start; a path: that tag folder."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = ckpt.find_resume_tag(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    path = os.path.abspath(resume)
+    if os.path.isfile(os.path.join(path, ckpt.LATEST)):  # a checkpoints folder
+        tag = ckpt.find_resume_tag(path)
+        if tag:
+            return path, tag
+    if os.path.isdir(path) and ckpt.is_complete(os.path.dirname(path), os.path.basename(path)):
+        return os.path.dirname(path), os.path.basename(path)
+    raise ValueError(f"--resume {resume!r}: not a complete checkpoint (a folder like "
+                     f"OUTPUT/checkpoints/global_stepN holding {ckpt.COMPLETE}, or OUTPUT/checkpoints); "
+                     "use --resume auto to continue this run's own checkpoints")
+
+
+def setup(args: TrainArgs) -> Setup:
+    """Validate everything; no process group, no model yet. Raises ValueError naming the field."""
+    from ..data import load_corpus
+
+    run = load_run_config(args.config, args.overrides, args.data)
+    launch = resolve_launch()
+    ep = run.model.moe_config().ep_size
+    if launch.world_size % ep:
+        raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size "
+                         f"({launch.world_size} ranks); start {ep}*N ranks or set model.moe.ep_size=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size, device=device)
+    output = os.path.abspath(args.output or default_output(args.config))
+    ckpt_dir = os.path.join(output, CKPT_SUBDIR)
+    if args.resume is None and ckpt.complete_tags(ckpt_dir):
+        raise ValueError(f"--output {output} already holds checkpoints ({ckpt.complete_tags(ckpt_dir)[-1]}): "
+                         "pass --resume auto to continue that run, or choose a new --output")
+    if args.resume not in (None, "auto"):
+        resolve_resume(args.resume, ckpt_dir)
+    d = run.data
+    corpus = load_corpus(d.path, kind=d.kind, split=tuple(d.split), cache_dir=d.cache_dir)
+    corpus.check_seq_len(run.model.seq_len)
+    if run.model.vocab_size is None:
+        run.model.vocab_size = corpus.vocab_size
+    elif run.model.vocab_size < corpus.vocab_size:
+        raise ValueError(f"model.vocab_size={run.model.vocab_size} is invalid: the data ({corpus.kind}) has "
+                         f"{corpus.vocab_size} symbols; set model.vocab_size: null to take it from the data")
+    return Setup(args, run, launch, ds_config, output, corpus)
+
+
+class Trainer:
+    def __init__(self, s: Setup):
+        self.s = s
+        self.run_cfg, self.t = s.run, s.run.train
+        self.ckpt_dir = os.path.join(s.output, CKPT_SUBDIR)
+        self.tokens_seen = 0
+        self.bar = None
+        self.flags = None
+
+    # ---- construction -----------------------------------------------------------------------
+    def start(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        from ..data import ShardedBatches
+        from ..integrations.deepspeed import s2moe_param_groups
+        from ..model import CharLM
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        init_distributed(self.s.launch)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = device_for(self.s.launch)
+        t, m = self.t, self.run_cfg.model
+        torch.manual_seed(t.seed)  # identical dense weights on every rank; experts: per global id
+        model = CharLM(m)
+        self.micro = t.micro_batch_size(self.world)
+        groups = s2moe_param_groups(model, weight_decay=t.weight_decay)
+        kwargs = {}
+        if "optimizer" in self.s.ds_config:
+            kwargs["model_parameters"] = groups
+        else:
+            kwargs["optimizer"] = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                                    weight_decay=t.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.s.ds_config, **kwargs)
+        self.model = self.engine.module
+        self.moe_layers = self.model.moe_layers()
+        # per-rank streams for noise / dropout / InfoNCE sampling
+        torch.manual_seed(t.seed + 1_000_003 * (self.rank + 1))
+        random.seed(t.seed + self.rank)
+        np.random.seed((t.seed + self.rank) % 2 ** 32)
+        self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.rank, self.world,
+                                            t.seed)
+        self.step = 0
+        self.flags = SignalFlags().install()
+        self._resume()
+        if self.rank == 0:
+            os.makedirs(self.s.output, exist_ok=True)
+            with open(os.path.join(self.s.output, "config.yaml"), "w") as f:
+                yaml.safe_dump(self.run_cfg.to_dict(), f, sort_keys=False)
+            with open(os.path.join(self.s.output, "ds_config.json"), "w") as f:
+                json.dump(self.s.ds_config, f, indent=2)
+        self.logger = Logger(self.s.output, self.rank, purge_step=self.step + 1 if self.step else None)
+
+    def _resume(self) -> None:
+        import torch.distributed as dist
+
+        found = [resolve_resume(self.s.args.resume, self.ckpt_dir) if self.rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # every rank resumes from the tag rank 0 chose
+        if found[0] is None:
+            if self.s.args.resume == "auto" and self.rank == 0:
+                print(f"[s2moe-train] no checkpoint in {self.ckpt_dir}: starting from step 0", flush=True)
+            return
+        load_dir, tag = found[0]
+        _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        state = client["s2moe"]
+        if state["world_size"] != self.world:
+            raise ValueError(f"--resume: {tag} was written by {state['world_size']} ranks, this run has "
+                             f"{self.world}: resume with the same number of ranks (the data order depends on it)")
+        self.train_batches.load_state_dict(state["data"][self.rank])
+        ckpt.set_rng_state(state["rng"][self.rank])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.rank == 0:
+            print(f"[s2moe-train] resumed from {os.path.join(load_dir, tag)} at step {self.step}", flush=True)
+
+    # ---- pieces of the loop -----------------------------------------------------------------
+    def _client_state(self) -> Dict[str, Any]:
+        import torch.distributed as dist
+
+        mine = {"data": self.train_batches.state_dict(), "rng": ckpt.rng_state()}
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)  # client_state is written by rank 0 only
+        return {"s2moe": {"step": self.step, "world_size": self.world, "tokens_seen": self.tokens_seen,
+                          "config": self.run_cfg.to_dict(), "data": [e["data"] for e in every],
+                          "rng": [e["rng"] for e in every]}}
+
+    def save(self) -> str:
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.t.keep_checkpoints,
+                        self.rank)
+        self.last_saved = self.step
+        self._say(f"checkpoint {os.path.join(self.ckpt_dir, tag)}")
+        return tag
+
+    def evaluate(self) -> Dict[int, float]:
+        from ..data import EvalBatches
+
+        m = self.run_cfg.model
+        per_rank = max(1, self.t.eval_windows // self.world) if self.t.eval_windows else None
+        bs = min(self.micro, per_rank) if per_rank else self.micro
+        batches = EvalBatches(self.s.corpus.valid, m.seq_len, bs, self.rank, self.world,
+                              max_batches=-(-per_rank // bs) if per_rank else None)
+        result = bpc(self.model, batches, self.t.eval_k, self.device)
+        self.logger.scalars(self.step, {f"eval/bpc_k{k}": v for k, v in result.items()})
+        self.logger.flush()
+        self.last_eval = result
+        self._say(f"step {self.step}: eval BPC " + "  ".join(f"k={k}: {v:.4f}" for k, v in result.items()))
+        return result
+
+    def _train_step(self, record: bool) -> Dict[str, torch.Tensor]:
+        from ..model import lm_loss
+
+        lr = lr_at(self.step, self.t)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(4, dtype=torch.float64)
+        gas = self.t.gradient_accumulation_steps
+        for micro in range(gas):
+            for _, layer in self.moe_layers:  # InfoNCE accuracy costs a [N, N] product: log steps only
+                layer.record_infonce_accuracy = record and micro == gas - 1
+            x, y = next(self.train_batches)
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.engine(x)
+            parts = lm_loss(self.model, logits, y)
+            self.engine.backward(parts.total)
+            self.engine.step()
+            sums += torch.stack([p.detach().double().cpu() for p in parts])
+        self.tokens_seen += self.t.batch_size * self.run_cfg.model.seq_len
+        return {"loss": sums / gas, "lr": lr}
+
+    def _log(self, out, step_time: float, steps_timed: int) -> Dict[str, float]:
+        import torch.distributed as dist
+
+        loss = out["loss"].to(self.device)
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        total, task, bal, unc = (float(v) for v in loss.cpu())
+        norm = self.engine.get_global_grad_norm()
+        tokens = steps_timed * self.t.batch_size * self.run_cfg.model.seq_len
+        values = {"train/loss_total": total, "train/loss_task": task, "train/loss_balance": bal,
+                  "train/loss_uncertainty": unc, "train/lr": out["lr"],
+                  "train/grad_norm": float(norm) if norm is not None else float("nan"),
+                  "train/tokens_per_s": tokens / max(step_time, 1e-9)}
+        assert set(values) == set(TRAIN_TAGS)
+        self.logger.scalars(self.step, values)
+        self.logger.moe(self.step, gather_moe_stats(self.moe_layers, self.device))
+        return values
+
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            if self.bar is not None:
+                self.bar.write(f"[s2moe-train] {msg}")
+            else:
+                print(f"[s2moe-train] {msg}", flush=True)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def loop(self) -> int:
+        """Train to ``train.steps``; returns the process exit code (0; also after SIGTERM)."""
+        from tqdm import tqdm
+
+        t = self.t
+        show = self.rank == 0 and t.progress
+        self.bar = tqdm(total=t.steps, initial=self.step, disable=not show, dynamic_ncols=True, unit="step",
+                        mininterval=1.0 if sys.stderr.isatty() else 15.0, desc="s2moe-train") if show else None
+        self.last_saved = self.step if self.step else -1
+        self.last_eval: Dict[int, float] = {}
+        timer, timed = 0.0, 0
+        exit_code = None
+        while self.step < t.steps:
+            log_now = t.log_every > 0 and (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+            t0 = time.perf_counter()
+            out = self._train_step(record=log_now)
+            timer += time.perf_counter() - t0
+            timed += 1
+            self.step += 1
+            if log_now:
+                values = self._log(out, timer, timed)
+                timer, timed = 0.0, 0
+                if self.bar is not None:
+                    post = {"loss": f"{values['train/loss_total']:.3f}",
+                            "bpc": f"{values['train/loss_task'] / math.log(2):.3f}",
+                            "tok/s": f"{values['train/tokens_per_s']:.0f}"}
+                    self.bar.set_postfix(post, refresh=False)
+            if self.bar is not None:
+                self.bar.update(1)
+            if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
+                self.evaluate()
+            want_ckpt, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
+            periodic = t.ckpt_every and self.step % t.ckpt_every == 0
+            if (periodic or want_ckpt or self.step == t.steps) and self.last_saved != self.step:
+                self.save()
+            if want_exit:
+                self._say(f"SIGTERM: checkpointed at step {self.step}, exiting")
+                exit_code = 0
+                break
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if exit_code is None:
+            self._finish()
+        self.logger.close()
+        return 0
+
+    def _finish(self) -> None:
+        if self.rank != 0:
+            return
+        summary = {"step": self.step, "bpc_valid": {str(k): v for k, v in self.last_eval.items()},
+                   "tensorboard": self.logger.tb_dir, "checkpoint": os.path.join(self.ckpt_dir,
+                                                                                 ckpt.tag_for(self.step)),
+                   "output": self.s.output}
+        with open(os.path.join(self.s.output, "final_eval.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"[s2moe-train] done: {self.step} steps", flush=True)
+        for k, v in self.last_eval.items():
+            print(f"[s2moe-train] final validation BPC k={k}: {v:.4f}", flush=True)
+        print(f"[s2moe-train] TensorBoard logs: {self.logger.tb_dir}", flush=True)
+        print(f"[s2moe-train] checkpoint: {summary['checkpoint']}", flush=True)
+
+
+def train(args: TrainArgs) -> int:
+    s = setup(args)
+    trainer = Trainer(s)
+    try:
+        trainer.start()
+        code = trainer.loop()
+    finally:
+        if trainer.flags is not None:
+            trainer.flags.uninstall()
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
