@@ -136,6 +136,9 @@ def test_routing_extremes_complete_and_match():
     for rank, per_case in enumerate(results):
         for case, errs in per_case.items():
             counts = errs.pop("expert_counts")
+            dropped = errs.pop("dropped", None)
+            if "drop=True" in case:  # capacity: 2 experts hold 2*cap of the 2*T*k slots
+                assert dropped and dropped > 0.5, (case, dropped)
             if "empty=1" in case and rank == 1:
                 assert counts == [0] * E
             else:
