@@ -10,6 +10,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu")
 EVAL_MODES = ("clean", "noisy")
 NOISY_ROUTING = ("own", "shared")
 UNCERTAINTY_ON = ("input", "output")
+ROUTER_TYPES = ("topk", "xmoe", "stablemoe")  # s2moe_dist/moe/router_variants.py
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 
 
@@ -84,6 +85,11 @@ class S2MoEConfig:
     eval_mode: str = "clean"
     eval_k: Optional[int] = None  # default: k
     eval_seed: int = 1234  # noise seed of eval_mode="noisy"
+    # router baselines (moe/router_variants.py), with either moe_type
+    router_type: str = "topk"  # "xmoe" (Chi et al. 2022), "stablemoe" (Dai et al. 2022)
+    router_dim: int = 16  # xmoe: dimension tokens are projected to for routing
+    router_temperature: float = 0.07  # xmoe: initial (learnable) temperature
+    freeze_router_after: Optional[int] = None  # stablemoe: stage 2 after this many training forwards
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -122,6 +128,15 @@ class S2MoEConfig:
         check_choice(o, "eval_mode", self.eval_mode, EVAL_MODES)
         check_choice(o, "noisy_routing", self.noisy_routing, NOISY_ROUTING)
         check_choice(o, "uncertainty_on", self.uncertainty_on, UNCERTAINTY_ON)
+        check_choice(o, "router_type", self.router_type, ROUTER_TYPES)
+        check_int(o, "router_dim", self.router_dim, 1)
+        check_float(o, "router_temperature", self.router_temperature, strict=True)
+        if self.freeze_router_after is not None:
+            check_int(o, "freeze_router_after", self.freeze_router_after, 0)
+            if self.router_type != "stablemoe":
+                raise config_error(o, "freeze_router_after", self.freeze_router_after,
+                                   f"only StableMoE's two-stage routing uses it (router_type='stablemoe', "
+                                   f"got router_type={self.router_type!r}); leave it None")
         check_float(o, "noise_mult_std", self.noise_mult_std)
         check_float(o, "noise_add_std", self.noise_add_std)
         check_float(o, "infonce_temperature", self.infonce_temperature, strict=True)

@@ -18,7 +18,8 @@ from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
 from .losses import balance_loss, infonce_accuracy, infonce_loss
 from .noise import GaussianNoise
-from .router import Routing, TopKRouter
+from .router import Routing
+from .router_variants import build_router
 
 # Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
 _DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
@@ -79,7 +80,7 @@ class S2MoELayer(nn.Module):
         self.num_local_experts = cfg.num_local_experts
         self.ep_rank = expert_parallel_rank(cfg.ep_size)
         self.first_expert = self.ep_rank * self.num_local_experts
-        self.router = TopKRouter(cfg.hidden_size, cfg.num_experts)
+        self.router = build_router(cfg)  # router_type: topk (router.weight [E, d]) | xmoe | stablemoe
         if expert is not None:
             self.experts = ModuleExperts(expert, cfg.num_local_experts)
         else:
@@ -118,6 +119,11 @@ class S2MoELayer(nn.Module):
                            use_rts=cfg.use_rts and self.training,
                            second_expert_sampling=cfg.top2_2nd_expert_sampling and self.training)
 
+    def _balance(self, r: Routing) -> torch.Tensor:
+        """Switch balance loss, or the router's own (StableMoE's)."""
+        own = getattr(self.router, "balance_loss", None)
+        return own(r) if own is not None else balance_loss(r.probs, r.expert_idx, self.num_experts)
+
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if used_token is not None:
@@ -131,11 +137,13 @@ class S2MoELayer(nn.Module):
         T = x.shape[0]
         k = cfg.k if self.training else cfg.eval_k
         two_streams = self.is_s2moe and (self.training or cfg.eval_mode == "noisy")
+        if self.training and hasattr(self.router, "step"):
+            self.router.step()  # StableMoE's two-stage schedule counts training forwards
 
         if not two_streams:
             r = self._route(x, k)
             out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts)
-            self.l_aux = balance_loss(r.probs, r.expert_idx, self.num_experts)
+            self.l_aux = self._balance(r)
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
             self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
             return out.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
@@ -154,11 +162,11 @@ class S2MoELayer(nn.Module):
         g = torch.sigmoid(self.gate(x))
         y = g * out_clean + (1 - g) * out_noisy
 
-        bal_clean = balance_loss(r_clean.probs, r_clean.expert_idx, self.num_experts)
+        bal_clean = self._balance(r_clean)
         if r_noisy is r_clean:
             self.l_aux = bal_clean
         else:
-            self.l_aux = 0.5 * (bal_clean + balance_loss(r_noisy.probs, r_noisy.expert_idx, self.num_experts))
+            self.l_aux = 0.5 * (bal_clean + self._balance(r_noisy))
         if self.training:
             z, z_hat = (x, x_hat) if cfg.uncertainty_on == "input" else (out_clean, out_noisy)
             self.uncertainty_loss = infonce_loss(z, z_hat, cfg.infonce_temperature, cfg.infonce_max_tokens)
