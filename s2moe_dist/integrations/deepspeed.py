@@ -142,8 +142,11 @@ def check_engine(engine) -> None:
     opt = engine.client_optimizer
     if isinstance(opt, torch.optim.Optimizer) and engine_wraps_optimizer(engine):
         check_param_groups(opt.param_groups)
-    if not engine_wraps_optimizer(engine):
-        install_moe_grad_clipping(engine)
+    if engine.zero_optimization_stage() == 0:
+        if engine.bfloat16_enabled() or engine.fp16_enabled():
+            install_moe_grad_norm_for_unfused_optimizer(engine)
+        else:
+            install_moe_grad_clipping(engine)
 
 
 def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
@@ -232,6 +235,52 @@ def install_moe_grad_clipping(engine) -> None:
                 p.grad.detach().mul_(coef)
 
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+def _unfused_step_with_expert_norm(self, closure=None):
+    """``FP16_UnfusedOptimizer.step`` (DeepSpeed 0.19.8) with the gradient norm taken over dense AND
+    expert gradients (``global_grad_norm``); the original leaves expert gradients out of the norm it
+    reports and clips by. Everything else is the original's, line for line."""
+    from deepspeed.runtime.utils import is_invalid_grad_norm
+    self.overflow = self.overflow_checker.check()
+    if self.overflow:
+        return self._skip_invalid_grad_norm()
+    norm = global_grad_norm([p for group in self.fp16_groups for p in group], mpu=self.mpu)
+    for i, _ in enumerate(self.fp16_groups):
+        for fp32_param, fp16_param in zip(self.fp32_groups[i], self.fp16_groups[i]):
+            if fp16_param.grad is None:
+                fp32_param.grad = torch.zeros(fp16_param.size(), dtype=fp32_param.dtype, device=fp32_param.device)
+            else:
+                fp32_param.grad = fp16_param.grad.to(fp32_param.dtype)
+    self._global_grad_norm = norm
+    if is_invalid_grad_norm(norm):
+        return self._skip_invalid_grad_norm()
+    self._update_scale(False)
+    self.unscale_and_clip_grads(norm)
+    self.optimizer.step()
+    for fp32_group, fp16_group in zip(self.fp32_groups, self.fp16_groups):
+        for fp32_param, fp16_param in zip(fp32_group, fp16_group):
+            fp32_param.grad = None
+            fp16_param.data.copy_(fp32_param.data)
+    return self.overflow
+
+
+def install_moe_grad_norm_for_unfused_optimizer(engine) -> None:
+    """ZeRO-0 bf16/fp16 with a torch optimizer runs DeepSpeed's ``FP16_UnfusedOptimizer``, whose norm
+    skips expert gradients (``split_params_grads_into_shared_and_expert_params(...)[0]`` only). Wrap
+    this engine's ``_configure_fp16_optimizer`` (called later in ``deepspeed.initialize``) so the
+    optimizer it builds uses ``_unfused_step_with_expert_norm``."""
+    import types
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    configure = engine._configure_fp16_optimizer
+
+    def _configure_fp16_optimizer(optimizer, low_precision_dtype):
+        wrapped = configure(optimizer, low_precision_dtype)
+        if type(wrapped) is FP16_UnfusedOptimizer and not wrapped.fused_lamb_legacy:
+            wrapped.step = types.MethodType(_unfused_step_with_expert_norm, wrapped)
+        return wrapped
+
+    engine._configure_fp16_optimizer = _configure_fp16_optimizer
 
 
 # ---- config validation --------------------------------------------------------------------------
