@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -15,6 +16,24 @@ from ..config import check_choice, check_float, check_int, config_error, from_ma
 from ..model.config import ModelConfig, check_bool, model_config_from_dict
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader reads ``1e-3`` as a string (YAML 1.1); read it as a float (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text):
+    return yaml.load(text, Loader=_Loader)
 SECTIONS = ("model", "train", "data")
 
 
@@ -123,7 +142,7 @@ def parse_override(item: str):
     if len(parts) < 2 or parts[0] not in SECTIONS or not all(parts):
         raise ValueError(f"--set {item!r} is invalid: KEY must start with one of {list(SECTIONS)} "
                          "followed by a field, e.g. train.steps=100")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    return parts, yaml_load(raw) if raw.strip() else None
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -157,7 +176,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"--config {path!r}: no such file; pass a model YAML such as configs/model/tiny.yaml")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml_load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path!r}: must be a YAML mapping with model/train/data sections")
     return data

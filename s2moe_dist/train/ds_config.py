@@ -1,14 +1,16 @@
-"""The DeepSpeed config of a run: the ``--deepspeed`` JSON, with the batch sizes and gradient
-clipping filled in from the run's ``train:`` section, checked before any process group."""
+"""The DeepSpeed config of a run: the ``--deepspeed`` JSON (ZeRO stage, precision, offload) with
+the batch sizes and gradient clipping set from the run's ``train:`` section, checked before any
+process group. The JSON presets carry example batch values; the run config decides them, and a
+differing value is replaced with a note (printed by rank 0), never silently."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .config import TrainConfig
 
-# DeepSpeed keys the run config owns: JSON values must be absent, "auto" or equal to ours
+# DeepSpeed keys the run config owns
 _OWNED = {"train_batch_size": "train.batch_size",
           "train_micro_batch_size_per_gpu": "train.batch_size / (world size x gradient_accumulation_steps)",
           "gradient_accumulation_steps": "train.gradient_accumulation_steps",
@@ -32,7 +34,8 @@ def load_json(path: Optional[str]) -> Dict[str, Any]:
 
 
 def build_ds_config(path: Optional[str], train: TrainConfig, world_size: int,
-                    device: Optional[str] = None) -> Dict[str, Any]:
+                    device: Optional[str] = None, notes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """-> the DeepSpeed config dict; ``notes`` (if given) collects the replaced JSON values."""
     cfg = load_json(path)
     ours = {"train_batch_size": train.batch_size,
             "train_micro_batch_size_per_gpu": train.micro_batch_size(world_size),
@@ -40,10 +43,8 @@ def build_ds_config(path: Optional[str], train: TrainConfig, world_size: int,
             "gradient_clipping": float(train.grad_clip)}
     for key, value in ours.items():
         theirs = cfg.get(key, "auto")
-        if theirs != "auto" and theirs != value:
-            raise ValueError(f"ds_config.{key}={theirs!r} (from {path}) disagrees with the run config's "
-                             f"{_OWNED[key]} = {value!r}: remove it from the JSON (or set \"auto\"), the "
-                             f"run config decides it")
+        if theirs != "auto" and theirs != value and notes is not None:
+            notes.append(f"ds_config.{key}={theirs!r} from {path} replaced by {value!r} ({_OWNED[key]})")
         cfg[key] = value
     if "scheduler" in cfg:
         raise ValueError(f"ds_config.scheduler (from {path}) is not used: s2moe-train sets the lr itself "

@@ -101,7 +101,11 @@ def setup(args: TrainArgs) -> Setup:
         raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size "
                          f"({launch.world_size} ranks); start {ep}*N ranks or set model.moe.ep_size=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size, device=device)
+    notes: List[str] = []
+    ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size, device=device, notes=notes)
+    if launch.rank == 0:
+        for note in notes:
+            print(f"[s2moe-train] note: {note}", flush=True)
     output = os.path.abspath(args.output or default_output(args.config))
     ckpt_dir = os.path.join(output, CKPT_SUBDIR)
     if args.resume is None and ckpt.complete_tags(ckpt_dir):
