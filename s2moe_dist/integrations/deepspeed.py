@@ -16,7 +16,8 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
   optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
   under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
   once (0.19.8's ``clip_grad_norm_`` AVERAGES the per-rank norms, which is wrong under EP).
-- Checkpoints: see ``ds_checkpoint.py`` (state-dict hooks) and ``reshard.py`` (change of EP size).
+- Checkpoints: see ``ds_checkpoint.py`` (state-dict hooks) and ``reshard.py`` (change of EP size;
+  ``engine.load_checkpoint`` of an engine holding S2MoE layers is replaced by its EP-aware version).
 """
 from __future__ import annotations
 
@@ -136,12 +137,18 @@ def engine_wraps_optimizer(engine) -> bool:
 
 
 def check_engine(engine) -> None:
-    """Checks made while ``deepspeed.initialize`` attaches a model holding S2MoE layers."""
+    """Checks and fixes made while ``deepspeed.initialize`` attaches a model holding S2MoE layers
+    (once per engine, though every layer calls it)."""
+    if engine.__dict__.get("_s2moe_checked"):
+        return
+    engine.__dict__["_s2moe_checked"] = True
     if engine.zero_optimization_stage() == 3:
         raise ValueError(ZERO3_ERROR)
     opt = engine.client_optimizer
     if isinstance(opt, torch.optim.Optimizer) and engine_wraps_optimizer(engine):
         check_param_groups(opt.param_groups)
+    from .reshard import install_ep_aware_checkpoint_loading
+    install_ep_aware_checkpoint_loading(engine)
     if engine.zero_optimization_stage() == 0:
         if engine.bfloat16_enabled() or engine.fp16_enabled():
             install_moe_grad_norm_for_unfused_optimizer(engine)

@@ -12,6 +12,11 @@ S2MoE keeps all local experts in one tensor per matrix (``experts.w1`` [E_local,
   state dict holding ALL ``num_experts`` experts (from a single-process model, any EP size) loads
   into an expert-parallel layer, which keeps its block ``[first_expert, first_expert + E_local)``.
 
+DeepSpeed takes EVERY key of an MoE layer containing "expert" for an expert weight (and drops it
+from the main model file), so other keys of the layer that contain the word (X-MoE's
+``router.expert_embeddings``, StableMoE's ``router.expert_centroids``) are written with a capital
+E (``router.Expert_embeddings``) and renamed back on load.
+
 The files are then independent of the EP size: a checkpoint saved with one ``ep_size`` loads with
 another (see ``reshard.py`` for the optimizer state). No DeepSpeed import here.
 """
@@ -42,8 +47,10 @@ def split_expert_state(module, state_dict, prefix, local_metadata) -> None:
     is_bank = isinstance(module.experts, ExpertBank)
     items = []
     for key, value in state_dict.items():
-        if not key.startswith(bank):
+        if not key.startswith(prefix):
             items.append((key, value))
+        elif not key.startswith(bank):  # hide "expert" from DeepSpeed's expert-key filter
+            items.append((prefix + key[len(prefix):].replace("expert", "Expert"), value))
         elif is_bank:  # experts.w1 -> <i>.w1
             name = key[len(bank):]
             items.extend((f"{out}{i}.{name}", value[i]) for i in range(value.shape[0]))
@@ -71,6 +78,8 @@ def stack_expert_state(module, state_dict, prefix, local_metadata, strict, missi
     src = prefix + DS_EXPERTS
     bank = prefix + "experts."
     is_bank = isinstance(module.experts, ExpertBank)
+    for key in [k for k in state_dict if k.startswith(prefix) and "Expert" in k[len(prefix):]]:
+        state_dict[prefix + key[len(prefix):].replace("Expert", "expert")] = state_dict.pop(key)
     try:
         per_expert: Dict[str, Dict[int, torch.Tensor]] = defaultdict(dict)
         for key in [k for k in state_dict if k.startswith(src)]:
@@ -104,7 +113,7 @@ def batched_expert_state_dict(state_dict: MutableMapping) -> "OrderedDict[str, t
     for key, value in state_dict.items():
         pos = key.find(DS_EXPERTS)
         if pos < 0:
-            out[key] = value
+            out[key.replace("Expert", "expert")] = value
             continue
         m = _SPLIT_KEY.match(key[pos + len(DS_EXPERTS):])
         prefix, i, name = key[:pos], int(m.group(1)), m.group(2)
