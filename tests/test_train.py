@@ -41,10 +41,10 @@ def _env(rank, world, port, style):
 
 
 class Ranks:
-    def __init__(self, out, extra=(), resume=False, world=2, style="env", steps=None, name="run"):
+    def __init__(self, out, extra=(), resume=False, world=2, style="env", steps=None, name="run", base=None):
         port = free_port()
-        args = [sys.executable, "-m", "s2moe_dist.cli", "train", "--config", TINY, "--deepspeed", ZERO2,
-                "--output", str(out), "--set", *SETTINGS, *extra]
+        base = base or ["--config", TINY, "--deepspeed", ZERO2, "--set", *SETTINGS]
+        args = [sys.executable, "-m", "s2moe_dist.cli", "train", "--output", str(out), *base, *extra]
         if steps is not None:
             args += [f"train.steps={steps}"]
         if resume:
