@@ -117,7 +117,7 @@ def test_launch_single_process():
 def test_ds_config_takes_batch_and_clipping_from_run_config(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
-    run = load_run_config(TINY)
+    run = load_run_config(TINY, ["train.batch_size=16"])
     cfg = build_ds_config(str(path), run.train, world_size=2, device="cpu")
     assert cfg["train_batch_size"] == 16 and cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 1 and cfg["gradient_clipping"] == 1.0
