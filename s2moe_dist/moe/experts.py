@@ -56,27 +56,39 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 
 class ExpertBank(nn.Module):
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int,
-                 activation: str = "gelu", bias: bool = False, first_expert: int = 0):
+                 activation: str = "gelu", bias: bool = False, first_expert: int = 0,
+                 tp_size: int = 1, tp_rank: int = 0):
+        """``tp_size > 1``: hold TP rank ``tp_rank``'s shard of each expert (layout: tp_shards.py):
+        w1 [E_local, d, h/tp] (swiglu: 2h/tp), w2 [E_local, h/tp, d]; b2 whole."""
         super().__init__()
         self.num_local_experts = num_local_experts
         self.activation = activation
-        width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.ffn_hidden_size = ffn_hidden_size  # full size, whatever tp_size
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        local = ffn_hidden_size // tp_size
+        width = 2 * local if activation == "swiglu" else local
         self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden_size, width))
-        self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, local, hidden_size))
         self.b1 = nn.Parameter(torch.zeros(num_local_experts, width)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_local_experts, hidden_size)) if bias else None
         self.reset_parameters(first_expert)
 
     def reset_parameters(self, first_expert: int = 0) -> None:
         """nn.Linear-style uniform init, one generator per GLOBAL expert id, seeded from the
-        default RNG: the same experts come out whatever the expert-parallel size."""
+        default RNG: the same experts come out whatever the expert- and tensor-parallel sizes
+        (the full expert is drawn, then this TP rank's shard kept)."""
+        from .tp_shards import shard_tensor
         base = int(torch.randint(0, 2**62, (1,)).item())
-        d, h = self.w2.shape[2], self.w2.shape[1]
+        d, h = self.w2.shape[2], self.ffn_hidden_size
+        width = 2 * h if self.activation == "swiglu" else h
+        shard = (lambda name, w: shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu"))
         with torch.no_grad():
             for i in range(self.num_local_experts):
                 g = torch.Generator().manual_seed(base + first_expert + i)
-                self.w1[i].copy_(torch.empty(self.w1.shape[1:]).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=g))
-                self.w2[i].copy_(torch.empty(self.w2.shape[1:]).uniform_(-1 / math.sqrt(h), 1 / math.sqrt(h), generator=g))
+                w1 = torch.empty(d, width).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=g)
+                w2 = torch.empty(h, d).uniform_(-1 / math.sqrt(h), 1 / math.sqrt(h), generator=g)
+                self.w1[i].copy_(shard("w1", w1))
+                self.w2[i].copy_(shard("w2", w2))
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
@@ -84,8 +96,9 @@ class ExpertBank(nn.Module):
             return F.silu(a) * b
         return F.gelu(h) if self.activation == "gelu" else F.relu(h)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [S, d] sorted by local expert; counts: [E_local] rows per expert (sum == S)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, add_b2: bool = True) -> torch.Tensor:
+        """x: [S, d] sorted by local expert; counts: [E_local] rows per expert (sum == S).
+        ``add_b2=False``: leave b2 out (TP adds it once to the partial sums it reduces)."""
         if x.shape[0] == 0:
             # keep the parameters in the graph so every rank produces (zero) expert gradients
             zero = self.w1.sum() * 0 + self.w2.sum() * 0
@@ -95,7 +108,7 @@ class ExpertBank(nn.Module):
         if self.b1 is not None:
             h = h + torch.repeat_interleave(self.b1, counts, dim=0, output_size=x.shape[0]).to(h.dtype)
         h = _grouped_mm(self._act(h), self.w2, offs, counts)
-        if self.b2 is not None:
+        if self.b2 is not None and add_b2:
             h = h + torch.repeat_interleave(self.b2, counts, dim=0, output_size=x.shape[0]).to(h.dtype)
         return h
 

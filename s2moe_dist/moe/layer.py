@@ -20,6 +20,7 @@ from .losses import balance_loss, infonce_accuracy, infonce_loss
 from .noise import GaussianNoise
 from .router import Routing
 from .router_variants import build_router
+from .tp_dispatcher import tensor_parallel_plan
 
 # Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
 _DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
@@ -78,14 +79,22 @@ class S2MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.ep_size = cfg.ep_size
         self.num_local_experts = cfg.num_local_experts
-        self.ep_rank = expert_parallel_rank(cfg.ep_size)
+        # Megatron TP (tp_dispatcher.py): None without a registered TP group of size > 1
+        self.tp_plan = tensor_parallel_plan(cfg, user_expert=expert is not None)
+        self.ep_rank = self.tp_plan.ep_rank if self.tp_plan else expert_parallel_rank(cfg.ep_size)
         self.first_expert = self.ep_rank * self.num_local_experts
         self.router = build_router(cfg)  # router_type: topk (router.weight [E, d]) | xmoe | stablemoe
         if expert is not None:
             self.experts = ModuleExperts(expert, cfg.num_local_experts)
         else:
+            shard = self.tp_plan is not None and self.tp_plan.shard_experts
             self.experts = ExpertBank(cfg.num_local_experts, cfg.hidden_size, cfg.ffn_hidden_size,
-                                      cfg.activation, cfg.expert_bias, first_expert=self.first_expert)
+                                      cfg.activation, cfg.expert_bias, first_expert=self.first_expert,
+                                      tp_size=self.tp_plan.size if shard else 1,
+                                      tp_rank=self.tp_plan.rank if shard else 0)
+            if shard:
+                mark_tensor_parallel(self.experts)
+                self.register_load_state_dict_pre_hook(_shard_full_experts)
         self.is_s2moe = cfg.moe_type == "s2moe"
         if self.is_s2moe:
             self.gate = nn.Linear(cfg.hidden_size, 1)
@@ -99,7 +108,9 @@ class S2MoELayer(nn.Module):
     @property
     def dispatcher(self):
         if self._dispatcher is None:
-            if self.ep_size == 1:
+            if self.tp_plan is not None:
+                self._dispatcher = self.tp_plan.dispatcher(self.num_experts, self.ep_size)
+            elif self.ep_size == 1:
                 self._dispatcher = LocalDispatcher(self.num_experts)
             else:
                 from .a2a_dispatcher import AllToAllDispatcher
@@ -109,6 +120,13 @@ class S2MoELayer(nn.Module):
     def set_dispatcher(self, dispatcher) -> None:
         """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here."""
         self._dispatcher = dispatcher
+
+    def dispatcher_for(self, ep_group):
+        """The dispatcher for ``ep_group`` (e.g. DeepSpeed's), wrapped for TP if the layer is TP."""
+        if self.tp_plan is not None:
+            return self.tp_plan.dispatcher(self.num_experts, self.ep_size, ep_group=ep_group)
+        from .a2a_dispatcher import AllToAllDispatcher
+        return AllToAllDispatcher(self.num_experts, self.ep_size, group=ep_group)
 
     # ---- forward --------------------------------------------------------------------------
     def _route(self, x: torch.Tensor, k: int) -> Routing:
@@ -158,7 +176,7 @@ class S2MoELayer(nn.Module):
         idx = torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx], dim=0)
         w = torch.cat([r_clean.weights, r_noisy.weights], dim=0)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
-        out_clean, out_noisy = out[:T], out[T:]
+        out_clean, out_noisy = out.split(T)  # (slicing's backward would zero-fill [2T, d] twice)
         g = torch.sigmoid(self.gate(x))
         y = g * out_clean + (1 - g) * out_noisy
 
@@ -190,6 +208,22 @@ class S2MoELayer(nn.Module):
         """alpha * L_bal + beta * L_u of the last forward."""
         cfg = self.config
         return cfg.balance_coef * self.l_aux + cfg.uncertainty_coef * self.uncertainty_loss
+
+
+def mark_tensor_parallel(bank: ExpertBank) -> None:
+    """Megatron's attributes on TP-split expert tensors (read by Megatron / DeepSpeed grad-norm code)."""
+    for name, dim in (("w1", 2), ("b1", 1), ("w2", 1)):
+        p = getattr(bank, name)
+        if p is not None:
+            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+
+
+def _shard_full_experts(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a TP layer: a full (TP=1) checkpoint loads, each rank its shard."""
+    from .tp_shards import shard_full_experts_
+    bank = module.experts
+    shard_full_experts_(state_dict, prefix, bank.tp_rank, bank.tp_size, bank.w2.shape[1],
+                        bank.activation == "swiglu")
 
 
 def s2moe_aux_loss(model: nn.Module) -> torch.Tensor:
