@@ -176,7 +176,7 @@ class S2MoELayer(nn.Module):
         idx = torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx], dim=0)
         w = torch.cat([r_clean.weights, r_noisy.weights], dim=0)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
-        out_clean, out_noisy = out.split(T)  # (slicing's backward would zero-fill [2T, d] twice)
+        out_clean, out_noisy = out.split([T, T])  # (slicing's backward would zero-fill [2T, d] twice)
         g = torch.sigmoid(self.gate(x))
         y = g * out_clean + (1 - g) * out_noisy
 
