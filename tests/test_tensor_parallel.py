@@ -129,24 +129,78 @@ def _compare(tp, ep, shard, k, drop, activation, bias, train):
     return errs
 
 
-def _equivalence_body(rank, world):
+def _count_all_to_all(tp, ep, shard):
+    """Rows each EP all-to-all call sends from this rank, for one training forward+backward (k=2)."""
+    from s2moe_dist.moe import S2MoELayer
+    calls = []
+    original = dist.all_to_all_single
+
+    def counting(output, input, *args, **kwargs):
+        calls.append(input.shape[0])
+        return original(output, input, *args, **kwargs)
+
+    torch.manual_seed(0)
+    layer = S2MoELayer(hidden_size=D, num_experts=E, k=2, ffn_hidden_size=H, ep_size=ep,
+                       enable_expert_tensor_parallelism=shard)
+    x = torch.randn(T + 1, D, requires_grad=True)  # 2T+2 rows: an even TP split
+    dist.all_to_all_single = counting
+    try:
+        y, _, _ = layer(x)
+        fwd = list(calls)
+        calls.clear()
+        (y.sum() + layer.aux_loss()).backward()
+        return {"fwd": fwd, "bwd": list(calls)}
+    finally:
+        dist.all_to_all_single = original
+
+
+def _full_checkpoint_loads(tp):
+    """A TP=1 state dict (all experts, full hidden size) loads into a TP-split layer."""
+    from s2moe_dist.moe import S2MoELayer
+    from s2moe_dist.parallel.tensor_parallel import get_tensor_parallel_group, set_tensor_parallel_group
+    kw = dict(hidden_size=D, num_experts=E, k=2, ffn_hidden_size=H, activation="swiglu", expert_bias=True)
+    group = get_tensor_parallel_group()
+    set_tensor_parallel_group(None)
+    torch.manual_seed(3)
+    full = S2MoELayer(**kw)
+    set_tensor_parallel_group(group)
+    layer = S2MoELayer(enable_expert_tensor_parallelism=True, **kw)
+    layer.load_state_dict(full.state_dict())
+    t = dist.get_rank(group)
+    return {"w1": _rel(layer.experts.w1, _shard_cols(full.experts.w1, t, tp, True)),
+            "b1": _rel(layer.experts.b1, _shard_cols(full.experts.b1, t, tp, True)),
+            "w2": _rel(layer.experts.w2, _shard_rows(full.experts.w2, t, tp)),
+            "b2": _rel(layer.experts.b2, full.experts.b2)}
+
+
+def _tp_body(rank, world):
     from megatron.core import parallel_state as ps
     from s2moe_dist.integrations.megatron import use_megatron_parallel_state
-    results = {}
+    results, counts, loads = {}, {}, {}
     for tp, ep in TOPOLOGIES:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp)
         use_megatron_parallel_state()
         for shard, k, (mode, drop, act, bias) in itertools.product((True, False), (1, 2), VARIANTS):
             case = f"tp={tp},ep={ep},shard={shard},k={k},{mode},drop={drop},{act},bias={bias}"
             results[case] = _compare(tp, ep, shard, k, drop, act, bias, mode == "train")
+        if ep > 1:
+            for shard in (True, False):
+                counts[(tp, ep, shard)] = _count_all_to_all(tp, ep, shard)
+        if tp > 1:
+            loads[tp] = _full_checkpoint_loads(tp)
         ps.destroy_model_parallel()
-    return results
+    return {"equivalence": results, "a2a": counts, "loads": loads}
 
 
-def test_tp_ep_matches_single_process():
-    results = run_distributed(_equivalence_body, world_size=4, timeout=240)
+@pytest.fixture(scope="module")
+def tp_results():
+    return run_distributed(_tp_body, world_size=4, timeout=240)
+
+
+def test_tp_ep_matches_single_process(tp_results):
     dropped = False
-    for rank, per_case in enumerate(results):
+    for rank, res in enumerate(tp_results):
+        per_case = res["equivalence"]
         assert len(per_case) == len(TOPOLOGIES) * 2 * 2 * len(VARIANTS)
         for case, errs in per_case.items():
             dropped |= errs.pop("dropped") > 0
@@ -154,3 +208,25 @@ def test_tp_ep_matches_single_process():
             for name, err in errs.items():
                 assert err < 1e-5, f"rank {rank} {case}: {name} rel err {err:.2e}"
     assert dropped, "capacity cases should drop some slots (else they test nothing)"
+
+
+def test_each_token_crosses_the_expert_all_to_all_once(tp_results):
+    """2(T+1) rows x k=2 slots per DP rank. With TP=2 each TP rank sends its half: summed over the
+    TP group the slots cross once (not twice, as when every TP rank sends all of them).
+    Calls: counts, tokens there, tokens back (forward); the two token exchanges reversed (backward)."""
+    slots = 2 * (T + 1) * 2
+    for (tp, ep, shard) in tp_results[0]["a2a"]:
+        sent_there = [r["a2a"][(tp, ep, shard)]["fwd"] for r in tp_results]
+        for rank, calls in enumerate(sent_there):
+            assert len(calls) == 3 and calls[0] == E, (tp, ep, shard, rank, calls)
+            assert calls[1] == slots // tp, (tp, ep, shard, rank, calls)
+            assert len(tp_results[rank]["a2a"][(tp, ep, shard)]["bwd"]) == 2
+        for start in range(0, 4, tp):  # the TP groups: contiguous ranks
+            assert sum(c[1] for c in sent_there[start:start + tp]) == slots
+
+
+def test_full_checkpoint_loads_into_tp_layer(tp_results):
+    for rank, res in enumerate(tp_results):
+        assert set(res["loads"]) == {2, 4}
+        for tp, errs in res["loads"].items():
+            assert max(errs.values()) == 0.0, (rank, tp, errs)

@@ -34,6 +34,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups as ds_groups
 
 from ..moe.a2a_dispatcher import AllToAllDispatcher
+from ..moe.tp_dispatcher import TensorParallelDispatcher
 from ..moe.layer import S2MoELayer
 from .ds_checkpoint import split_expert_state, stack_expert_state
 
@@ -84,6 +85,7 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        check_tensor_parallel_mpu(self, ds_groups.mpu)
         if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
             if ds_groups.mpu is None or not self.enable_expert_tensor_parallelism:
                 ds_groups._create_expert_and_data_parallel(
@@ -95,8 +97,9 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
         # the D+E topology (use_data_before_expert_parallel_) orders EP ranks differently
         self.ep_rank = ds_groups._get_expert_parallel_rank(self.expert_group_name)
         self.first_expert = self.ep_rank * self.num_local_experts
-        if self.ep_size > 1 and (self._dispatcher is None or type(self._dispatcher) is AllToAllDispatcher):
-            self.set_dispatcher(AllToAllDispatcher(self.num_experts, self.ep_size, group=group))
+        if self.ep_size > 1 and (self._dispatcher is None
+                                 or type(self._dispatcher) in (AllToAllDispatcher, TensorParallelDispatcher)):
+            self.set_dispatcher(self.dispatcher_for(group))  # wrapped for Megatron TP if the layer is TP
 
     @property
     def dispatcher(self):
@@ -105,6 +108,22 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
             _ensure_deepspeed_comm()
             self._create_process_groups()
         return S2MoELayer.dispatcher.fget(self)
+
+
+def check_tensor_parallel_mpu(layer, mpu) -> None:
+    """The layer's tensor parallelism (``integrations.megatron.use_megatron_parallel_state``) and
+    DeepSpeed's ``mpu`` must agree: DeepSpeed lays expert groups out from the mpu."""
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
+    mpu_tp = bwc_tensor_model_parallel_world_size(mpu)
+    layer_tp = layer.tp_plan.size if layer.tp_plan is not None else 1
+    if mpu_tp == layer_tp:
+        return
+    if mpu is None:
+        raise ValueError(f"the S2MoE layer is tensor-parallel (TP={layer_tp}) but DeepSpeed got no mpu: pass "
+                         "mpu=s2moe_dist.integrations.megatron.megatron_mpu() to deepspeed.initialize")
+    raise ValueError(f"DeepSpeed's mpu has tensor-parallel size {mpu_tp} but the S2MoE layer was built for "
+                     f"TP={layer_tp}: call s2moe_dist.integrations.megatron.use_megatron_parallel_state() after "
+                     "parallel_state.initialize_model_parallel and before building the model")
 
 
 def _ensure_deepspeed_comm() -> None:

@@ -22,7 +22,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 
 # experts.w1 (ExpertBank) or deepspeed_moe.experts.deepspeed_experts.<i>.w1 (DeepSpeed checkpoint keys)
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*(?:^|\.)(?:experts|deepspeed_experts\.\d+))\.(?P<name>w1|b1|w2|b2)$")
+# (a bare ExpertBank's own state dict: w1, w2, ...)
+_EXPERT_KEY = re.compile(r"^(?:(?P<prefix>(?:.*\.)?(?:experts|deepspeed_experts\.\d+))\.)?(?P<name>w1|b1|w2|b2)$")
 
 
 def _columns(width: int, tp_rank: int, tp_size: int, swiglu: bool) -> torch.Tensor:
@@ -71,7 +72,8 @@ def merge_tensors(name: str, shards: Sequence[torch.Tensor], swiglu: bool) -> to
 def _is_swiglu(state: Mapping[str, torch.Tensor], prefix: str, activation: Optional[str]) -> bool:
     if activation is not None:
         return activation == "swiglu"
-    w1, w2 = state.get(f"{prefix}.w1"), state.get(f"{prefix}.w2")
+    dot = f"{prefix}." if prefix else ""
+    w1, w2 = state.get(dot + "w1"), state.get(dot + "w2")
     if w1 is None or w2 is None:
         raise ValueError(f"cannot tell the activation of {prefix}: pass activation=...")
     return w1.shape[-1] == 2 * w2.shape[-2]  # swiglu: w1 = [gate | up]
@@ -81,7 +83,7 @@ def _expert_keys(state: Mapping[str, torch.Tensor]):
     for key in state:
         m = _EXPERT_KEY.match(key)
         if m:
-            yield key, m.group("prefix"), m.group("name")
+            yield key, m.group("prefix") or "", m.group("name")
 
 
 def split_expert_state(state: Mapping[str, torch.Tensor], tp_size: int,
