@@ -10,6 +10,7 @@ Contestants, all fp32, gelu experts of the same hidden size, timed interleaved i
     ds_top2_dropless the same with drop_tokens=False (capacity = the largest expert load)
     s2moe_top1/top2  S2MoE (ours): both streams routed, fused, dispatched once; dropless
     smoe_top2        our layer as a plain top-2 MoE (moe_type smoe): our dispatcher at DeepSpeed's work
+    s2moe_top1_no_noise (--ablation) S2MoE top-1 with a=b=0: what the noise module costs
     naive_top1/top2  S2MoE done naively: two calls of DeepSpeed's MoE (clean, noisy input; its
                      defaults) mixed by the same sigmoid gate, same noise and InfoNCE as ours
   inference (eval, no_grad)
@@ -75,10 +76,10 @@ class NaiveS2MoE(nn.Module):
         return y, 0.5 * (l_clean + l_noisy), None
 
 
-def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe"):
+def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe", noise=1.0):
     from s2moe_dist import S2MoE
     return S2MoE(d, num_experts=E, k=k, ffn_hidden_size=h, ep_size=world, activation="gelu",
-                 eval_k=eval_k, moe_type=moe_type, infonce_temperature=INFONCE_TAU, infonce_max_tokens=INFONCE_TOKENS,
+                 eval_k=eval_k, moe_type=moe_type, noise_mult_std=noise, noise_add_std=noise, infonce_temperature=INFONCE_TAU, infonce_max_tokens=INFONCE_TOKENS,
                  balance_coef=BALANCE_COEF, uncertainty_coef=UNCERTAINTY_COEF)
 
 
@@ -135,6 +136,8 @@ def _bench(rank, world, opts):
         "smoe_top2": s2moe(d, h, E, world, 2, moe_type="smoe"),
         "naive_top1": NaiveS2MoE(ds_moe(d, h, E, world, 1, True), d),
     }
+    if opts["ablation"]:  # s2moe_top1 minus this = the noise module's cost
+        layers["s2moe_top1_no_noise"] = s2moe(d, h, E, world, 1, noise=0.0)
     if opts["naive_top2"]:  # 4T expert rows per rank: doubles the run's time
         layers["naive_top2"] = NaiveS2MoE(ds_moe(d, h, E, world, 2, True), d)
     infer_layers = {"ds_top2": layers["ds_top2"], "s2moe_eval_k1": s2moe(d, h, E, world, 2, eval_k=1),
@@ -145,7 +148,7 @@ def _bench(rank, world, opts):
 
     # slots per rank each contestant's experts process (T tokens per rank, balanced routing)
     train_slots = {"ds_top2": 2 * T, "ds_top2_dropless": 2 * T, "s2moe_top1": 2 * T, "s2moe_top2": 4 * T,
-                   "smoe_top2": 2 * T, "naive_top1": 2 * T, "naive_top2": 4 * T}
+                   "smoe_top2": 2 * T, "s2moe_top1_no_noise": 2 * T, "naive_top1": 2 * T, "naive_top2": 4 * T}
     infer_slots = {"ds_top2": 2 * T, "s2moe_eval_k1": T, "s2moe_eval_k2": 2 * T}
     modes = {
         "train": ({n: train_step(m.train(), x, grad_out) for n, m in layers.items()},
@@ -254,6 +257,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--ablation", action="store_true",
+                   help="also time S2MoE top-1 with the noise off (a=b=0), to split its cost")
     p.add_argument("--naive-top2", action="store_true", help="also time the naive two-call S2MoE at top-2")
     p.add_argument("--profile", nargs="*", default=[], metavar="CONTESTANT",
                    help="print a torch.profiler breakdown of these contestants' steps (rank 0)")
@@ -264,7 +269,7 @@ def main(argv=None):
     if args.tokens is not None:
         opts["tokens"] = args.tokens
     opts.update(world=args.world, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                naive_top2=args.naive_top2, profile=args.profile, profile_rows=args.profile_rows)
+                naive_top2=args.naive_top2, ablation=args.ablation, profile=args.profile, profile_rows=args.profile_rows)
     if opts["E"] % args.world:
         raise ValueError(f"--world {args.world} must divide the number of experts ({opts['E']})")
     results = common.spawn(_bench, args.world, (opts,), threads=args.threads)
