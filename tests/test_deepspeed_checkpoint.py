@@ -119,8 +119,7 @@ def test_resharded_checkpoints_ep2_to_1_and_1_to_2_on_load_and_converted(tmp_pat
 
 
 def test_reshard_ep2_to_4_on_4_ranks(tmp_path):
-    cases = [("zero2_fp32_2to4_load", dict(stage=2), 2, 4, "load"),
-             ("zero0_fp32_2to4_convert", dict(stage=0), 2, 4, "convert")]
+    cases = [("zero2_fp32_2to4_load", dict(stage=2), 2, 4, "load")]  # expert partitions over EDP pairs -> none
     res = run_distributed(_reshard_body, 4, args=(cases, str(tmp_path)), use_deepspeed=True, timeout=400)
     for rank, per_case in enumerate(res):
         for name, r in per_case.items():

@@ -228,13 +228,13 @@ def _zero0_names(engine) -> List[Tuple[str, torch.nn.Parameter]]:
 def _zero0_to_canonical(full: FullState, engine) -> FullState:
     from deepspeed.moe.utils import is_moe_param
     order = _zero0_names(engine)
-    if len(order) != len(full["moe"]):
-        raise ValueError(f"the checkpoint's optimizer holds {len(full['moe'])} parameters, this engine's "
-                         f"{len(order)}: resharding needs the same model and param groups")
     if _local_module_experts([name for name, _ in order]):
         raise ValueError("resharding the ZeRO-0 optimizer state of user expert modules (S2MoE(hidden, "
                          "expert_module, ...)) is not supported: their parameters are numbered per rank. Use "
                          "the built-in expert bank, ZeRO stage 1/2, or load_optimizer_states=False")
+    if len(order) != len(full["moe"]):
+        raise ValueError(f"the checkpoint's optimizer holds {len(full['moe'])} parameters, this engine's "
+                         f"{len(order)}: resharding needs the same model and param groups")
     params: Dict[str, Dict[str, Any]] = {}
     step = None
     for pos, ((name, p), moe) in enumerate(zip(order, full["moe"])):
