@@ -1,15 +1,20 @@
 """A throw-away single-node Slurm on this machine (munged + slurmctld + slurmd), for tests.
 
 Everything lives under one temp folder (config, munge key/socket, state, spool, logs); clients
-find it through ``SLURM_CONF`` (``cluster.env``). Daemons run in the foreground as our children
-and are stopped by PID (PID 1 here reaps nothing, so nothing may be left to daemonise).
+find it through ``SLURM_CONF``. The daemons run in the foreground under a small supervisor
+process (this file run as a script) that is a child subreaper: slurmd double-forks a slurmstepd
+per job, and PID 1 here reaps nothing, so the supervisor adopts and reaps those, and at the end
+cancels the jobs and stops the daemons by PID.
 
-    python tests/slurm_cluster.py DIR   # start one by hand: prints the SLURM_CONF to export;
+    python tests/slurm_cluster.py DIR   # start one by hand: prints SLURM_CONF=... to export;
                                         # Ctrl-C or SIGTERM stops it
+    LocalSlurm.launch(DIR)              # the same from a test; .stop() at teardown
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import shutil
 import signal
 import socket
@@ -20,7 +25,8 @@ from typing import Dict, List, Optional
 
 # the node is named after this host so its name resolves (jobs use it as MASTER_ADDR)
 NODE = socket.gethostname().split(".")[0]
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun")
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
+READY = "SLURM_CONF="
 
 
 def free_port() -> int:
@@ -30,7 +36,7 @@ def free_port() -> int:
 
 
 def missing_tools() -> List[str]:
-    return [t for t in DAEMONS if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    return [t for t in TOOLS if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
 
 
 def ensure_installed(timeout: float = 600) -> Optional[str]:
@@ -56,13 +62,51 @@ def _sbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-class SlurmCluster:
-    def __init__(self, root: str, cpus: int = 2):
+class SlurmClient:
+    """Commands against the cluster whose files are under ``root``."""
+
+    def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        self.cpus = cpus
-        self.procs: Dict[str, subprocess.Popen] = {}
         self.conf = os.path.join(self.root, "slurm.conf")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
+
+    def run(self, cmd: List[str], check: bool = True, timeout: float = 30,
+            env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                             env={**self.env, **(env or {})})
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()}")
+        return out
+
+    def job(self, job_id: str) -> Dict[str, str]:
+        """``scontrol show job -o`` as a dict ({} once the job has left slurmctld's memory)."""
+        out = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
+        if out.returncode != 0:
+            return {}
+        fields = {}
+        for item in out.stdout.split():
+            if "=" in item:
+                k, v = item.split("=", 1)
+                fields.setdefault(k, v)
+        return fields
+
+    def logs(self, tail: int = 3000) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+            path = os.path.join(self.root, "log", name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    parts.append(f"--- {name} (tail) ---\n" + f.read()[-tail:])
+        return "\n".join(parts)
+
+
+class SlurmCluster(SlurmClient):
+    """The daemons, as children of this process (the supervisor)."""
+
+    def __init__(self, root: str, cpus: int = 2):
+        super().__init__(root)
+        self.cpus = cpus
+        self.procs: Dict[str, subprocess.Popen] = {}
 
     # ---- files --------------------------------------------------------------------------------
     def _write_files(self) -> None:
@@ -150,8 +194,25 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         out = self.run(["scontrol", "show", "node", NODE, "-o"], check=False).stdout
         return "State=IDLE" in out
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """SIGKILL every job of this cluster and wait until slurmd has cleaned them up, so no
+        slurmstepd or task outlives the daemons."""
+        if self.procs.get("slurmctld") is None or self.procs["slurmctld"].poll() is not None:
+            return
+        ids = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+        for job_id in ids:
+            self.run(["scancel", "--signal=KILL", "--full", job_id], check=False)
+            self.run(["scancel", job_id], check=False)
+        end = time.monotonic() + timeout
+        while ids and time.monotonic() < end:
+            states = self.run(["squeue", "-h", "-o", "%T"], check=False).stdout.split()
+            if not [s for s in states if s not in ("PENDING",)]:
+                break
+            time.sleep(0.5)
+
     def stop(self) -> None:
-        """SIGTERM each daemon (slurmd first), SIGKILL what is left after 10 s; reap all."""
+        """Cancel the jobs, SIGTERM each daemon (slurmd first), SIGKILL what is left after 10 s; reap all."""
+        self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
@@ -164,48 +225,107 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
                 p.wait(10)
         self.procs.clear()
 
-    # ---- clients ------------------------------------------------------------------------------
-    def run(self, cmd: List[str], check: bool = True, timeout: float = 30,
-            env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                             env={**self.env, **(env or {})})
-        if check and out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()}")
-        return out
+def _children() -> Dict[int, str]:
+    """{pid: state letter} of this process's children, from /proc."""
+    me, out = os.getpid(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[1]) == me:
+            out[int(entry)] = fields[0]
+    return out
 
-    def job(self, job_id: str) -> Dict[str, str]:
-        """``scontrol show job -o`` as a dict ({} once the job has left slurmctld's memory)."""
-        out = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
-        if out.returncode != 0:
-            return {}
-        fields = {}
-        for item in out.stdout.split():
-            if "=" in item:
-                k, v = item.split("=", 1)
-                fields.setdefault(k, v)
-        return fields
 
-    def logs(self, tail: int = 3000) -> str:
-        parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
-            path = os.path.join(self.root, "log", name)
-            if os.path.exists(path):
-                with open(path, errors="replace") as f:
-                    parts.append(f"--- {name} (tail) ---\n" + f.read()[-tail:])
-        return "\n".join(parts)
+def _reap_orphans(keep) -> None:
+    """Reap zombie children that are not our own Popen daemons (adopted slurmstepd and tasks)."""
+    for pid, state in _children().items():
+        if state == "Z" and pid not in keep:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def supervise(root: str, cpus: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned slurmstepds become our children
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    cluster = SlurmCluster(root, cpus)
+    try:
+        cluster.start()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, then the daemons are stopped
+        print("ERROR: " + str(e).replace("\n", "\n  "), flush=True)
+        cluster.stop()
+        return 1
+    print(READY + cluster.conf, flush=True)
+    try:
+        while not stop:
+            _reap_orphans({p.pid for p in cluster.procs.values()})
+            time.sleep(0.5)
+    finally:
+        cluster.stop()
+        end = time.monotonic() + 15
+        while _children() and time.monotonic() < end:  # the last slurmstepds end after slurmd
+            _reap_orphans(set())
+            time.sleep(0.2)
+    return 0
+
+
+class LocalSlurm(SlurmClient):
+    """A supervised cluster started from a test: ``LocalSlurm.launch(root)``, ``.stop()``."""
+
+    def __init__(self, root: str, proc: subprocess.Popen):
+        super().__init__(root)
+        self.proc = proc
+
+    @classmethod
+    def launch(cls, root: str, cpus: int = 2, timeout: float = 90) -> "LocalSlurm":
+        """Raises RuntimeError (with the daemons' logs) when the cluster does not come up."""
+        os.makedirs(root, exist_ok=True)
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cpus", str(cpus), root],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen, end = [], time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            line = proc.stdout.readline() if ready else ""
+            if line.startswith(READY):
+                return cls(root, proc)
+            if line:
+                seen.append(line)
+            elif ready or proc.poll() is not None:  # EOF: the supervisor is gone
+                break
+        cluster = cls(root, proc)
+        cluster.stop()
+        raise RuntimeError("local Slurm did not start: " + "".join(seen).strip() + "\n" + cluster.logs())
+
+    def stop(self, timeout: float = 90) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/slurm_cluster.py DIR")
+    import argparse
+    ap = argparse.ArgumentParser(description="Run a single-node Slurm under DIR until SIGTERM / Ctrl-C.")
+    ap.add_argument("root", metavar="DIR")
+    ap.add_argument("--cpus", type=int, default=2)
+    a = ap.parse_args()
     why = ensure_installed()
     if why:
-        sys.exit(why)
-    c = SlurmCluster(sys.argv[1]).start()
-    print(f"export SLURM_CONF={c.conf}   # Ctrl-C or SIGTERM (pid {os.getpid()}) stops the daemons", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a backgrounded shell job ignores SIGINT: catch both
-        signal.signal(sig, lambda *_: None)
-    try:
-        signal.pause()
-    finally:
-        c.stop()
+        print("ERROR: " + why, flush=True)
+        sys.exit(1)
+    sys.exit(supervise(a.root, a.cpus))
