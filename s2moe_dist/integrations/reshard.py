@@ -218,8 +218,10 @@ def _zero0_names(engine) -> List[Tuple[str, torch.nn.Parameter]]:
     """(name, param) in the position order of the engine's ZeRO-0 optimizer state."""
     names = {id(p): n for n, p in engine.module.named_parameters()}
     opt = engine.optimizer
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer
-        order = [p for group in opt.fp16_groups for p in group]
+    for attr in ("fp16_groups", "bit16_groups", "bf16_groups"):  # unfused fp16/bf16, ZeRO-1/2, BF16_Optimizer
+        if hasattr(opt, attr):
+            order = [p for group in getattr(opt, attr) for p in group]
+            break
     else:
         order = [p for group in opt.param_groups for p in group["params"]]
     return [(names[id(p)], p) for p in order]
