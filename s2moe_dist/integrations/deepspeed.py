@@ -231,7 +231,11 @@ def global_grad_norm(parameters: Iterable[torch.Tensor], mpu=None, norm_type: fl
         if p.grad is None:
             continue
         if is_moe_param(p):
-            expert[p.group_name].append(p.grad)
+            # experts split over TP: DeepSpeed sums expert norms over TP, so a TP-replicated expert
+            # tensor (b2) is counted on TP rank 0 only
+            if (mpu is None or ds_groups._get_expert_model_parallel_world_size() == 1
+                    or is_model_parallel_parameter(p) or mpu.get_model_parallel_rank() == 0):
+                expert[p.group_name].append(p.grad)
         elif mpu is None or is_model_parallel_parameter(p) or mpu.get_model_parallel_rank() == 0:
             dense.append(p.grad)
     if not dense:
