@@ -286,9 +286,11 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.t
-        show = self.rank == 0 and t.progress
-        self.bar = tqdm(total=t.steps, initial=self.step, disable=not show, dynamic_ncols=True, unit="step",
-                        mininterval=1.0 if sys.stderr.isatty() else 15.0, desc="s2moe-train") if show else None
+        # a bar on a terminal; plain lines at log steps when the output goes to a file (Slurm logs)
+        show = self.rank == 0 and t.progress and sys.stderr.isatty()
+        self.lines = self.rank == 0 and t.progress and not show
+        self.bar = tqdm(total=t.steps, initial=self.step, dynamic_ncols=True, unit="step",
+                        desc="s2moe-train") if show else None
         self.last_saved = self.step if self.step else -1
         self.last_eval: Dict[int, float] = {}
         timer, timed = 0.0, 0
@@ -303,11 +305,13 @@ class Trainer:
             if log_now:
                 values = self._log(out, timer, timed)
                 timer, timed = 0.0, 0
+                post = {"loss": f"{values['train/loss_total']:.3f}",
+                        "bpc": f"{values['train/loss_task'] / math.log(2):.3f}",
+                        "tok/s": f"{values['train/tokens_per_s']:.0f}"}
                 if self.bar is not None:
-                    post = {"loss": f"{values['train/loss_total']:.3f}",
-                            "bpc": f"{values['train/loss_task'] / math.log(2):.3f}",
-                            "tok/s": f"{values['train/tokens_per_s']:.0f}"}
                     self.bar.set_postfix(post, refresh=False)
+                elif self.lines:
+                    self._say(f"step {self.step}/{t.steps} " + " ".join(f"{k} {v}" for k, v in post.items()))
             if self.bar is not None:
                 self.bar.update(1)
             if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
