@@ -1,0 +1,75 @@
+"""s2moe-train / s2moe-eval refuse bad input before any process group starts: exit status 2 and
+one line naming the field and the fix. (A world size of 3 with no other ranks would hang in
+rendezvous if the check came after the process group.)"""
+import os
+
+import pytest
+
+from s2moe_dist.cli import eval_main, train_main
+from s2moe_dist.train import checkpoint as ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) or var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(var)
+
+
+def _train(capsys, *args):
+    code = train_main(["--config", TINY, *args])
+    return code, capsys.readouterr().err
+
+
+def test_bad_field_exits_2_naming_it(capsys, single_process_env, tmp_path):
+    code, err = _train(capsys, "--output", str(tmp_path), "--set", "train.lr=-1")
+    assert code == 2 and "s2moe-train: error: train.lr=-1 is invalid: must be a number > 0.0" in err
+
+
+def test_world_size_checks_come_before_the_process_group(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # never reached: nothing may try to connect
+    code, err = _train(capsys, "--output", str(tmp_path))
+    assert code == 2 and "train.batch_size=32 is invalid: must be divisible by world_size (3)" in err
+    code, err = _train(capsys, "--output", str(tmp_path), "--set", "train.batch_size=48", "model.moe.ep_size=2")
+    assert code == 2 and "model.moe.ep_size=2 is invalid: must divide the world size (3 ranks)" in err
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
+def test_missing_files_exit_2(capsys, single_process_env, tmp_path):
+    code, err = _train(capsys, "--output", str(tmp_path), "--data", str(tmp_path / "text8.gz"))
+    assert code == 2 and "data.path=" in err and "no such file; pass --data" in err
+    code, err = _train(capsys, "--output", str(tmp_path), "--deepspeed", str(tmp_path / "zero9.json"))
+    assert code == 2 and "--deepspeed" in err and "no such file" in err
+    code = train_main(["--config", str(tmp_path / "none.yaml")])
+    assert code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_malformed_data_file_exits_2(capsys, single_process_env, tmp_path):
+    bad = tmp_path / "text8"
+    bad.write_bytes(b"hello world THIS is not text8\n" * 100)
+    code, err = _train(capsys, "--output", str(tmp_path / "out"), "--data", str(bad), "--set",
+                       f"data.cache_dir={tmp_path / 'cache'}")
+    assert code == 2 and str(bad) in err
+
+
+def test_existing_checkpoints_need_resume(capsys, single_process_env, tmp_path):
+    tag = tmp_path / "checkpoints" / ckpt.tag_for(100)
+    tag.mkdir(parents=True)
+    (tag / ckpt.COMPLETE).write_text("{}")
+    code, err = _train(capsys, "--output", str(tmp_path))
+    assert code == 2 and "already holds checkpoints (global_step100): pass --resume auto" in err
+    code, err = _train(capsys, "--output", str(tmp_path / "other"), "--resume", str(tmp_path / "nothing"))
+    assert code == 2 and "not a complete checkpoint" in err
+
+
+def test_eval_refuses_a_folder_without_checkpoint(capsys, tmp_path):
+    code = eval_main(["--checkpoint", str(tmp_path)])
+    assert code == 2 and "no complete s2moe-train checkpoint there" in capsys.readouterr().err
