@@ -194,6 +194,7 @@ def report(results, opts):
         res = r0[mode]
         wall = {n: common.median(v) * 1e3 for n, v in res["times"]["wall"].items()}
         cpu = {n: common.median(v) * 1e3 for n, v in res["times"]["cpu"].items()}
+        best = {n: min(v) * 1e3 for n, v in res["times"]["cpu"].items()}
         fig = {n: (wall[n], cpu[n]) for n in wall}
         base = fig[BASELINE]
         for name, slots in res["slots"].items():
@@ -205,22 +206,24 @@ def report(results, opts):
             other = {k: v for k, v in comm[0]["calls"].items() if k not in ("all_to_all_single", "all_to_all")}
             pair = f"{_ratio(fig[name], fig[PAIRS[name]])} vs {PAIRS[name]}" if name in PAIRS else ""
             rows.append([mode, name, slots, wall[name], common.spread(res["times"]["wall"][name]), cpu[name],
-                         _ratio(fig[name], base), pair, _ratio(fig[name], fig[f"floor_{slots}"]),
+                         best[name], _ratio(fig[name], base), pair, _ratio(fig[name], fig[f"floor_{slots}"]),
                          res["mem"][name] / 2**20, calls, mbytes,
                          ", ".join(f"{k} {v}" for k, v in sorted(other.items())) or "-"])
         for key in sorted((k for k in fig if k.startswith("floor_")), key=lambda k: int(k[6:])):
             rows.append([mode, f"expert GEMMs only ({key[6:]} rows)", int(key[6:]), wall[key],
-                         common.spread(res["times"]["wall"][key]), cpu[key], _ratio(fig[key], base), "",
+                         common.spread(res["times"]["wall"][key]), cpu[key], best[key], _ratio(fig[key], base), "",
                          "1", "", "", "", ""])
+        low = {n: best[n] / best[BASELINE] for n in best}
         if mode == "train":
             checks.append(_check("S2MoE top-1 training step <= DeepSpeed top-2 (s2moe_top1 / ds_top2)",
-                                 fig["s2moe_top1"], base, 1.0))
+                                 fig["s2moe_top1"], base, 1.0, low["s2moe_top1"]))
             checks.append(_check("naive two-call S2MoE top-1 slower than ours (naive_top1 / s2moe_top1)",
-                                 fig["naive_top1"], fig["s2moe_top1"], 1.0, above=True))
+                                 fig["naive_top1"], fig["s2moe_top1"], 1.0, low["naive_top1"] / low["s2moe_top1"],
+                                 above=True))
         else:
             checks.append(_check("S2MoE eval_k=1 inference <= 0.72 x DeepSpeed top-2 (s2moe_eval_k1 / ds_top2)",
-                                 fig["s2moe_eval_k1"], base, 0.72))
-    header = ["mode", "contestant", "slots/rank", "wall ms", "IQR/med", "CPU ms/rank", "vs ds_top2 wall / CPU",
+                                 fig["s2moe_eval_k1"], base, 0.72, low["s2moe_eval_k1"]))
+    header = ["mode", "contestant", "slots/rank", "wall ms", "IQR/med", "CPU ms/rank", "best CPU ms", "vs ds_top2 wall / CPU",
               "pair wall / CPU", "x floor wall / CPU", "peak MiB", "a2a calls", "a2a MiB/rank", "other collectives"]
     settings = (f"- machine: {common.machine()}\n"
                 f"- date: {common.now()}; command: `{common.command_line()}`\n"
@@ -234,18 +237,19 @@ def report(results, opts):
                 f"{BALANCE_COEF} L_bal + {UNCERTAINTY_COEF} L_u (the naive port computes the same); smoe_top2: "
                 f"our layer as a plain top-2 MoE (moe_type smoe), to compare dispatchers at equal work\n"
                 f"- wall ms: slowest rank; CPU ms/rank: process CPU time (user+sys), mean over ranks -- the steadier "
-                f"figure when other jobs share the cores; ratios are given as wall / CPU\n"
+                f"figure when other jobs share the cores; ratios are given as wall / CPU (medians); best CPU ms: "
+                f"the fastest repeat, the least disturbed one\n"
                 f"- peak MiB: torch allocations during one step above those live before it (profiler "
                 f"allocation events, rank 0); a2a: all_to_all(_single) calls and input bytes per step, "
                 f"max over ranks; slots/rank: (token, expert) rows each rank's experts get when balanced")
     return settings + "\n\n" + common.markdown_table(header, rows) + "\n\n" + "\n".join(checks)
 
 
-def _check(what, fig, ref, target, above=False):
+def _check(what, fig, ref, target, best, above=False):
     w, c = fig[0] / ref[0], fig[1] / ref[1]
-    ok = [(v > target) if above else (v <= target) for v in (w, c)]
+    ok = [(v > target) if above else (v <= target) for v in (w, c, best)]
     verdict = "MET" if all(ok) else ("MISSED" if not any(ok) else "MIXED")
-    return (f"- {verdict}: {what}: wall {w:.3f}, CPU {c:.3f} "
+    return (f"- {verdict}: {what}: median wall {w:.3f}, median CPU {c:.3f}, best CPU {best:.3f} "
             f"(target {'>' if above else '<='} {target})")
 
 
@@ -275,6 +279,8 @@ def main(argv=None):
     results = common.spawn(_bench, args.world, (opts,), threads=args.threads)
     body = report(results, opts)
     title = f"Layer benchmark: {args.shape} shape, EP={args.world}"
+    if opts["tokens"] != SHAPES[args.shape]["tokens"]:
+        title += f", {opts['tokens']} tokens per rank"
     print(f"## {title}\n\n{body}")
     for mode in ("train", "infer"):
         for name, text in results[0][mode].get("profile", {}).items():
