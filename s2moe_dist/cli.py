@@ -3,7 +3,7 @@
     s2moe-train --config configs/model/tiny.yaml --deepspeed configs/deepspeed/zero1_fp32.json \\
                 [--data text8.gz] [--set train.steps=100 model.moe.moe_type=smoe] [--resume auto] [--output DIR]
     s2moe-eval  --checkpoint DIR [--data FILE] [--eval-k 1 2] [--split test] [--json]
-    s2moe-ckpt  ...   (checkpoint tools: s2moe_dist.integrations.reshard)
+    s2moe-ckpt  reshard SRC DST --ep-size N   (s2moe_dist.integrations.reshard)
 
 Bad arguments and configs exit with status 2 and one line naming the field and the fix.
 """
@@ -123,9 +123,22 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+CKPT_USAGE = "usage: s2moe-ckpt reshard SRC DST --ep-size N [--tag T]   (change a checkpoint's expert-parallel size)"
+
+
 def ckpt_main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(CKPT_USAGE)
+        return 0 if argv else 2
+    if argv[0] != "reshard":
+        print(f"s2moe-ckpt: unknown command {argv[0]!r}\n{CKPT_USAGE}", file=sys.stderr)
+        return 2
     from .integrations.reshard import main
-    return main(argv)
+    try:
+        return main(argv[1:])
+    except ValueError as e:
+        return _fail("s2moe-ckpt reshard", e)
 
 
 if __name__ == "__main__":  # python -m s2moe_dist.cli {train,eval,ckpt} ...

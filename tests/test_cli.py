@@ -73,3 +73,9 @@ def test_existing_checkpoints_need_resume(capsys, single_process_env, tmp_path):
 def test_eval_refuses_a_folder_without_checkpoint(capsys, tmp_path):
     code = eval_main(["--checkpoint", str(tmp_path)])
     assert code == 2 and "no complete s2moe-train checkpoint there" in capsys.readouterr().err
+
+
+def test_ckpt_needs_a_known_command(capsys):
+    from s2moe_dist.cli import ckpt_main
+    assert ckpt_main([]) == 2 and "usage: s2moe-ckpt reshard SRC DST --ep-size N" in capsys.readouterr().out
+    assert ckpt_main(["shard"]) == 2 and "unknown command 'shard'" in capsys.readouterr().err

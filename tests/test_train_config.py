@@ -178,3 +178,32 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     ckpt.atomic_write(str(path), "global_step1")
     ckpt.atomic_write(str(path), "global_step22")
     assert path.read_text() == "global_step22" and os.listdir(tmp_path) == ["latest"]
+
+
+# ---- BPC ---------------------------------------------------------------------------------------
+def test_bpc_per_eval_k_matches_plain_cross_entropy_and_restores_the_layers():
+    import math
+
+    import torch
+
+    from s2moe_dist.model import CharLM, ModelConfig
+    from s2moe_dist.moe.layer import S2MoELayer
+    from s2moe_dist.train.evaluate import bpc
+
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=27, seq_len=16, n_layers=2, d_model=32, n_heads=4,
+                               moe={"num_experts": 4, "k": 2, "ffn_hidden_size": 32}))
+    model.train()
+    batches = [(torch.randint(0, 27, (3, 16)), torch.randint(0, 27, (3, 16))) for _ in range(2)]
+    got = bpc(model, batches, [1, 2, 4], torch.device("cpu"))
+    assert model.training and all(m.config.eval_k == 2 for m in model.modules() if isinstance(m, S2MoELayer))
+    for k, value in got.items():
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, S2MoELayer):
+                m.config.eval_k = k
+        with torch.no_grad():
+            nll = sum(torch.nn.functional.cross_entropy(model(x).reshape(-1, 27), y.reshape(-1), reduction="sum")
+                      for x, y in batches)
+        assert value == pytest.approx(nll.item() / (2 * 3 * 16) / math.log(2), rel=1e-6)
+    assert len(set(got.values())) == 3  # eval_k changes the routing
