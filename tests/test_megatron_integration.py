@@ -66,6 +66,18 @@ def test_layer_spec_puts_s2moe_in_the_mlp_slot():
     kinds = [s.submodules.mlp.module for s in block.layer_specs]
     assert kinds[1] is S2MoEMLP and kinds[3] is S2MoEMLP
     assert kinds[0] is not S2MoEMLP and kinds[2] is not S2MoEMLP
+    with pytest.raises(ValueError, match="get_s2moe_block_spec.moe_every=0 is invalid"):
+        get_s2moe_block_spec(4, MOE, moe_every=0)
+
+
+def test_transformer_engine_spec_without_transformer_engine_is_a_clear_error():
+    try:
+        import transformer_engine  # noqa: F401
+        pytest.skip("Transformer Engine is installed (its spec is checked on GPU only)")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="use_transformer_engine=True needs NVIDIA Transformer Engine"):
+        get_s2moe_layer_spec(MOE, use_transformer_engine=True)
 
 
 def test_mlp_adapter_returns_output_and_bias_and_carries_the_aux_loss():

@@ -117,6 +117,19 @@ class S2MoEMLP(MegatronModule):
         return out, None
 
 
+def _gpt_layer_spec(use_transformer_engine: bool, **spec_kwargs):
+    """Megatron's GPT layer spec: local (pure PyTorch) or Transformer Engine."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    if not use_transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_local_spec(**spec_kwargs)
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as e:
+        raise ValueError("use_transformer_engine=True needs NVIDIA Transformer Engine (transformer_engine), "
+                         "which is not installed; use the local spec (use_transformer_engine=False)") from e
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**spec_kwargs)
+
+
 def get_s2moe_layer_spec(moe_config: Union[S2MoEConfig, Mapping[str, Any]], *, use_transformer_engine: bool = False,
                          base_spec=None, layer_cls=None, attach_aux_loss: bool = True, **spec_kwargs):
     """``ModuleSpec`` of a Megatron-core ``TransformerLayer`` whose MLP is S2MoE.
@@ -131,10 +144,7 @@ def get_s2moe_layer_spec(moe_config: Union[S2MoEConfig, Mapping[str, Any]], *, u
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.spec_utils import ModuleSpec
     if base_spec is None:
-        from megatron.core.models.gpt import gpt_layer_specs
-        build = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec if use_transformer_engine
-                 else gpt_layer_specs.get_gpt_layer_local_spec)
-        base_spec = build(**spec_kwargs)
+        base_spec = _gpt_layer_spec(use_transformer_engine, **spec_kwargs)
     sub = base_spec.submodules
     pre_mlp_norm = sub.pre_mlp_layernorm
     if pre_mlp_norm is IdentityOp:  # the norm lived inside the dense MLP (TE's fused LayerNormLinear)
@@ -157,12 +167,9 @@ def get_s2moe_block_spec(num_layers: int, moe_config: Union[S2MoEConfig, Mapping
     from ..config import check_int
     check_int("get_s2moe_block_spec", "moe_every", moe_every, 1)
     check_int("get_s2moe_block_spec", "num_layers", num_layers, 1)
-    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     if base_spec is None:
-        build = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec if use_transformer_engine
-                 else gpt_layer_specs.get_gpt_layer_local_spec)
-        base_spec = build(**spec_kwargs)
+        base_spec = _gpt_layer_spec(use_transformer_engine, **spec_kwargs)
     moe = get_s2moe_layer_spec(moe_config, base_spec=base_spec, layer_cls=layer_cls, attach_aux_loss=attach_aux_loss)
     if use_transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
