@@ -8,7 +8,7 @@ every rank:
   input gradient (full on every TP rank, as Megatron expects of a replicated activation);
 - router/gate gradients equal the reference after a sum over DP (each DP rank saw its tokens);
 - expert gradients equal the reference slice after a sum over the expert-data-parallel group.
-One 4-rank spawn covers TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP
+TP and DP groups are laid out as Megatron's parallel_state makes them. One 4-rank spawn covers TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP
 (enable_expert_tensor_parallelism) and whole, k=1/2, train/eval, dropless/capacity, gelu/swiglu+bias.
 """
 import itertools
@@ -80,8 +80,7 @@ def _build(tp, ep, shard, k, drop, activation, bias):
     return ref, layer, (t, n, e0, el, sw)
 
 
-def _compare(tp, ep, shard, k, drop, activation, bias, train):
-    from megatron.core import parallel_state as ps
+def _compare(tp, ep, shard, k, drop, activation, bias, train, dp_group):
     ref, layer, (t, n, e0, el, sw) = _build(tp, ep, shard, k, drop, activation, bias)
     ref.train(train), layer.train(train)
     world = dist.get_world_size()
@@ -107,7 +106,6 @@ def _compare(tp, ep, shard, k, drop, activation, bias, train):
             "counts": float((counts != c_ref).any())}
     if train:
         errs["infonce"] = _rel(layer.uncertainty_loss, u_ref)
-    dp_group = ps.get_data_parallel_group()
     shared = [("router", layer.router.weight, ref.router.weight)]
     if train:
         shared += [("gate_w", layer.gate.weight, ref.gate.weight), ("gate_b", layer.gate.bias, ref.gate.bias)]
@@ -173,22 +171,36 @@ def _full_checkpoint_loads(tp):
             "b2": _rel(layer.experts.b2, full.experts.b2)}
 
 
+def _groups(rank, world, tp):
+    """(TP group, DP group) of ``rank`` in Megatron's layout (TP: contiguous ranks, DP: strided),
+    made here with plain new_group: Megatron's own parallel_state is exercised by
+    test_megatron_integration.py / test_megatron_deepspeed.py (this saves its import on 4 ranks)."""
+    mine = []
+    for layout in ([list(range(i, i + tp)) for i in range(0, world, tp)],
+                   [list(range(i, world, tp)) for i in range(tp)]):
+        found = None
+        for ranks in layout:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                found = g
+        mine.append(found)
+    return mine
+
+
 def _tp_body(rank, world):
-    from megatron.core import parallel_state as ps
-    from s2moe_dist.integrations.megatron import use_megatron_parallel_state
+    from s2moe_dist.parallel.tensor_parallel import set_tensor_parallel_group
     results, counts, loads = {}, {}, {}
     for tp, ep in TOPOLOGIES:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-        use_megatron_parallel_state()
+        tp_group, dp_group = _groups(rank, world, tp)
+        set_tensor_parallel_group(tp_group)  # what use_megatron_parallel_state() registers
         for shard, k, (mode, drop, act, bias) in itertools.product((True, False), (1, 2), VARIANTS):
             case = f"tp={tp},ep={ep},shard={shard},k={k},{mode},drop={drop},{act},bias={bias}"
-            results[case] = _compare(tp, ep, shard, k, drop, act, bias, mode == "train")
+            results[case] = _compare(tp, ep, shard, k, drop, act, bias, mode == "train", dp_group)
         if ep > 1:
             for shard in (True, False):
                 counts[(tp, ep, shard)] = _count_all_to_all(tp, ep, shard)
         if tp > 1:
             loads[tp] = _full_checkpoint_loads(tp)
-        ps.destroy_model_parallel()
     return {"equivalence": results, "a2a": counts, "loads": loads}
 
 
