@@ -79,3 +79,21 @@ def test_ckpt_needs_a_known_command(capsys):
     from s2moe_dist.cli import ckpt_main
     assert ckpt_main([]) == 2 and "usage: s2moe-ckpt reshard SRC DST --ep-size N" in capsys.readouterr().out
     assert ckpt_main(["shard"]) == 2 and "unknown command 'shard'" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_model_or_world_size(capsys, single_process_env, tmp_path):
+    import json
+
+    from s2moe_dist.train.config import load_run_config
+
+    model = load_run_config(TINY).model.to_dict()
+    tag = tmp_path / "checkpoints" / ckpt.tag_for(50)
+    tag.mkdir(parents=True)
+    (tag / ckpt.COMPLETE).write_text(json.dumps({"step": 50, "world_size": 1, "model": {
+        **model, "pos_encoding": "learned", "moe": {**model["moe"], "num_experts": 16, "ep_size": 4}}}))
+    code, err = _train(capsys, "--output", str(tmp_path), "--resume", "auto")
+    assert code == 2 and "holds another model (model.moe.num_experts: checkpoint 16, this run 8; " \
+                         "model.pos_encoding: checkpoint 'learned', this run 'rotary')" in err
+    (tag / ckpt.COMPLETE).write_text(json.dumps({"step": 50, "world_size": 2, "model": model}))
+    code, err = _train(capsys, "--output", str(tmp_path), "--resume", "auto")
+    assert code == 2 and "global_step50 was written by 2 ranks, this run has 1" in err

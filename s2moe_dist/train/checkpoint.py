@@ -93,8 +93,15 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, rank: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+def read_marker(ckpt_dir: str, tag: str) -> Dict[str, Any]:
+    with open(os.path.join(ckpt_dir, tag, COMPLETE)) as f:
+        return json.load(f)
+
+
+def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: int, rank: int,
+         marker: Optional[Dict[str, Any]] = None) -> str:
+    """Collective: every rank calls it. Returns the tag written. ``marker``: extra fields for the
+    completion marker (small, readable before any process group: world size, model config)."""
     import torch.distributed as dist
 
     tag = tag_for(step)
@@ -108,7 +115,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     # save_checkpoint ends with a barrier: all ranks' files are on disk now
     if rank == 0:
         atomic_write(os.path.join(tag_dir, COMPLETE),
-                     json.dumps({"step": step, "time": time.time(), "world_size": dist.get_world_size()}))
+                     json.dumps({"step": step, "time": time.time(), "world_size": dist.get_world_size(),
+                                 **(marker or {})}))
         atomic_write(os.path.join(ckpt_dir, LATEST), tag)
         prune(ckpt_dir, keep, current=tag)
     dist.barrier()

@@ -90,6 +90,31 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str):
                      "use --resume auto to continue this run's own checkpoints")
 
 
+def check_resumable(ckpt_dir: str, tag: str, run: RunConfig, world_size: int) -> None:
+    """Same world size (the data order depends on it) and the same model (ep_size may change)."""
+    marker = ckpt.read_marker(ckpt_dir, tag)
+    saved_world = marker.get("world_size")
+    if saved_world is not None and saved_world != world_size:
+        raise ValueError(f"--resume: {tag} was written by {saved_world} ranks, this run has {world_size}: resume "
+                         "with the same number of ranks (the data order depends on it)")
+    saved = marker.get("model")
+    if saved is None:
+        return
+    mine = run.model.to_dict()
+    diffs = []
+    for key in sorted(set(saved) | set(mine)):
+        if key == "moe":
+            a, b = dict(saved.get("moe", {})), dict(mine.get("moe", {}))
+            a.pop("ep_size", None), b.pop("ep_size", None)  # EP size may change (re-sharded on load)
+            diffs += [f"model.moe.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif key != "vocab_size" and saved.get(key) != mine.get(key):
+            diffs.append(f"model.{key}: checkpoint {saved.get(key)!r}, this run {mine.get(key)!r}")
+    if diffs:
+        raise ValueError(f"--resume: {os.path.join(ckpt_dir, tag)} holds another model ({'; '.join(diffs)}); "
+                         "resume with the config it was trained with (its output folder has config.yaml)")
+
+
 def setup(args: TrainArgs) -> Setup:
     """Validate everything; no process group, no model yet. Raises ValueError naming the field."""
     from ..data import load_corpus
@@ -111,8 +136,9 @@ def setup(args: TrainArgs) -> Setup:
     if args.resume is None and ckpt.complete_tags(ckpt_dir):
         raise ValueError(f"--output {output} already holds checkpoints ({ckpt.complete_tags(ckpt_dir)[-1]}): "
                          "pass --resume auto to continue that run, or choose a new --output")
-    if args.resume not in (None, "auto"):
-        resolve_resume(args.resume, ckpt_dir)
+    found = resolve_resume(args.resume, ckpt_dir)
+    if found is not None:
+        check_resumable(*found, run, launch.world_size)
     d = run.data
     corpus = load_corpus(d.path, kind=d.kind, split=tuple(d.split), cache_dir=d.cache_dir)
     corpus.check_seq_len(run.model.seq_len)
@@ -213,7 +239,7 @@ class Trainer:
 
     def save(self) -> str:
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.t.keep_checkpoints,
-                        self.rank)
+                        self.rank, marker={"model": self.run_cfg.model.to_dict()})
         self.last_saved = self.step
         self._say(f"checkpoint {os.path.join(self.ckpt_dir, tag)}")
         return tag
@@ -239,7 +265,7 @@ class Trainer:
         lr = lr_at(self.step, self.t)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # no host sync per step
         gas = self.t.gradient_accumulation_steps
         for micro in range(gas):
             for _, layer in self.moe_layers:  # InfoNCE accuracy costs a [N, N] product: log steps only
@@ -250,7 +276,7 @@ class Trainer:
             parts = lm_loss(self.model, logits, y)
             self.engine.backward(parts.total)
             self.engine.step()
-            sums += torch.stack([p.detach().double().cpu() for p in parts])
+            sums += torch.stack([p.detach().double() for p in parts])
         self.tokens_seen += self.t.batch_size * self.run_cfg.model.seq_len
         return {"loss": sums / gas, "lr": lr}
 
@@ -328,6 +354,8 @@ class Trainer:
             self.bar.close()
             self.bar = None
         if exit_code is None:
+            if not self.last_eval:  # resumed a finished run: still report its BPC
+                self.evaluate()
             self._finish()
         self.logger.close()
         return 0
