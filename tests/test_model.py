@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from s2moe_dist.model import CharLM, ModelConfig, lm_loss, set_linear_factory
 from s2moe_dist.model.attention import CausalSelfAttention, Rotary

@@ -1,9 +1,11 @@
 """``s2moe-train``: the character LM on the DeepSpeed engine.
 
-    setup()  everything that can fail on a bad input, before any process group: run config,
-             world size from the launcher, DeepSpeed JSON, output folder, data file
-    run()    process group, model, engine, resume, then the loop: step, log, eval, checkpoint,
-             signals (checkpoint at the step boundary; SIGTERM then exits 0)
+    setup()          everything that can fail on a bad input, before any process group: run
+                     config, world size from the launcher, DeepSpeed JSON, output folder, resume
+                     target, data file
+    Trainer.start()  process group, model, engine, resume
+    Trainer.loop()   step, log, eval, checkpoint, signals (checkpoint at the step boundary;
+                     SIGTERM then exits 0)
 """
 from __future__ import annotations
 
@@ -320,7 +322,7 @@ class Trainer:
         self.last_saved = self.step if self.step else -1
         self.last_eval: Dict[int, float] = {}
         timer, timed = 0.0, 0
-        exit_code = None
+        stopped = False
         while self.step < t.steps:
             log_now = t.log_every > 0 and (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
             t0 = time.perf_counter()
@@ -348,12 +350,12 @@ class Trainer:
                 self.save()
             if want_exit:
                 self._say(f"SIGTERM: checkpointed at step {self.step}, exiting")
-                exit_code = 0
+                stopped = True
                 break
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if exit_code is None:
+        if not stopped:
             if not self.last_eval:  # resumed a finished run: still report its BPC
                 self.evaluate()
             self._finish()
