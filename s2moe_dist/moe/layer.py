@@ -178,7 +178,7 @@ class S2MoELayer(nn.Module):
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
         out_clean, out_noisy = out.split([T, T])  # (slicing's backward would zero-fill [2T, d] twice)
         g = torch.sigmoid(self.gate(x))
-        y = g * out_clean + (1 - g) * out_noisy
+        y = torch.lerp(out_noisy, out_clean, g.to(out_clean.dtype))  # = g * clean + (1 - g) * noisy, one pass
 
         bal_clean = self._balance(r_clean)
         if r_noisy is r_clean:
