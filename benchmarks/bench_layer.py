@@ -226,7 +226,7 @@ def report(results, opts):
     header = ["mode", "contestant", "slots/rank", "wall ms", "IQR/med", "CPU ms/rank", "best CPU ms", "vs ds_top2 wall / CPU",
               "pair wall / CPU", "x floor wall / CPU", "peak MiB", "a2a calls", "a2a MiB/rank", "other collectives"]
     settings = (f"- machine: {common.machine()}\n"
-                f"- date: {common.now()}; command: `{common.command_line()}`\n"
+                f"- date: {common.now()}; code: {common.git_revision()}; command: `{common.command_line()}`\n"
                 f"- load average: before {r0['load_before']}, after {r0['load_after']}\n"
                 f"- shape: d {opts['d']}, expert hidden {opts['h']}, {opts['E']} experts, {opts['tokens']} tokens "
                 f"per rank, EP = world = {opts['world']}, {opts['threads']} torch thread(s) per rank, fp32, gelu; "

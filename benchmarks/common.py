@@ -241,6 +241,21 @@ def load_average() -> str:
         return "n/a"
 
 
+def git_revision() -> str:
+    """Short commit of the code measured, ``+dirty`` when tracked code under s2moe_dist/ or
+    benchmarks/ differs from it."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "s2moe_dist", "benchmarks/*.py"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def now() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 
