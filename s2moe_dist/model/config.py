@@ -38,6 +38,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     moe_every: int = 1  # block i has an S2MoE FFN when (i + 1) % moe_every == 0; 0: no MoE
     moe: Dict[str, Any] = field(default_factory=dict)
+    tp_size: int = 1  # Megatron tensor parallelism of attention and dense MLPs (world = TP x DP)
 
     def __post_init__(self) -> None:
         if self.d_ff is None and isinstance(self.d_model, int):
@@ -74,7 +75,32 @@ class ModelConfig:
         if "hidden_size" in self.moe:
             raise config_error(o, "moe.hidden_size", self.moe["hidden_size"],
                                "is set by model.d_model; remove it from model.moe")
-        self.moe_config()  # validates the layer's fields now, before anything is built
+        moe = self.moe_config()  # validates the layer's fields now, before anything is built
+        self._validate_tensor_parallel(moe)
+
+    def _validate_tensor_parallel(self, moe: S2MoEConfig) -> None:
+        """Shapes that must split over ``tp_size`` (the world-size checks are the trainer's)."""
+        o, tp = OWNER, self.tp_size
+        check_int(o, "tp_size", tp, 1)
+        if tp == 1:
+            return
+        fix = "choose model.tp_size among its divisors, or change the field"
+        if self.d_model % tp:
+            raise config_error(o, "d_model", self.d_model, f"must be divisible by model.tp_size ({tp}) for the "
+                               f"tensor-parallel layers; {fix}")
+        if self.n_heads % tp:
+            raise config_error(o, "n_heads", self.n_heads, f"must be divisible by model.tp_size ({tp}): attention "
+                               f"heads are split over tensor-parallel ranks; {fix}")
+        has_dense = any(not self.is_moe_block(i) for i in range(self.n_layers))
+        if has_dense and self.d_ff % tp:
+            raise config_error(o, "d_ff", self.d_ff, f"must be divisible by model.tp_size ({tp}) for the "
+                               f"tensor-parallel dense MLPs; {fix}")
+        if any(self.is_moe_block(i) for i in range(self.n_layers)) and moe.enable_expert_tensor_parallelism \
+                and moe.ffn_hidden_size % tp:
+            raise config_error(o, "moe.ffn_hidden_size", moe.ffn_hidden_size,
+                               f"must be divisible by model.tp_size ({tp}) to split each expert over TP "
+                               f"(model.moe.enable_expert_tensor_parallelism); {fix}, or set "
+                               "enable_expert_tensor_parallelism false")
 
     @property
     def head_dim(self) -> int:

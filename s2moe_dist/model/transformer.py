@@ -16,7 +16,7 @@ from torch import nn
 from ..moe.layer import S2MoELayer
 from .attention import CausalSelfAttention, Rotary
 from .config import ModelConfig
-from .linear import make_linear
+from .linear import init_linear_, linear_tp_size, make_linear
 
 
 class MLP(nn.Module):
@@ -39,7 +39,9 @@ class MoEFFN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         import s2moe_dist  # the public name: DeepSpeed's MoE subclass when DeepSpeed is installed
-        self.moe = s2moe_dist.S2MoE(config=config.moe_config())
+        # experts split over TP only when there is TP: the same config runs at model.tp_size 1
+        no_tp = {"enable_expert_tensor_parallelism": False} if config.tp_size == 1 else {}
+        self.moe = s2moe_dist.S2MoE(config=config.moe_config(**no_tp))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,12 @@ class CharLM(nn.Module):
         if config.vocab_size is None:
             raise ValueError("model.vocab_size=None is invalid: set it, or let the trainer take it from "
                              "the data set before building the model")
+        if config.tp_size != linear_tp_size():
+            raise ValueError(f"model.tp_size={config.tp_size} is invalid here: the dense-layer factory builds "
+                             f"layers for TP={linear_tp_size()}. Under tensor parallelism call "
+                             "s2moe_dist.train.distributed.init_model_parallel(tp_size) (or install "
+                             "integrations.megatron_linear.MegatronLinearFactory with model.set_linear_factory) "
+                             "before building the model; on one process set model.tp_size=1")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model) if config.pos_encoding == "learned" else None
@@ -90,11 +98,10 @@ class CharLM(nn.Module):
         for m in self.modules():
             if id(m) in in_moe:  # the layer's router/gate keep the layer's own init
                 continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std_res if getattr(m, "residual_projection", False) else 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
+            # dense linears are drawn at full size whatever their TP shard (TP-size independent)
+            if init_linear_(m, std_res if getattr(m, "residual_projection", False) else 0.02):
+                continue
+            if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, 0.02)
 
     def moe_layers(self) -> List[Tuple[int, S2MoELayer]]:

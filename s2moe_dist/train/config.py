@@ -88,11 +88,15 @@ class TrainConfig:
             raise config_error(o, "eval_k", self.eval_k,
                                f"each value must be in [1, model.moe.num_experts={n_exp}]; drop {bad}")
 
-    def micro_batch_size(self, world_size: int) -> int:
-        div = world_size * self.gradient_accumulation_steps
+    def micro_batch_size(self, world_size: int, tp_size: int = 1) -> int:
+        """Sequences per data-parallel rank per micro-step (TP ranks of one DP rank share a batch)."""
+        dp = world_size // tp_size
+        div = dp * self.gradient_accumulation_steps
         if self.batch_size % div:
+            ranks = (f"world_size ({world_size})" if tp_size == 1 else
+                     f"the data-parallel size (world_size / model.tp_size = {world_size}/{tp_size} = {dp})")
             raise config_error("train", "batch_size", self.batch_size,
-                               f"must be divisible by world_size ({world_size}) x "
+                               f"must be divisible by {ranks} x "
                                f"train.gradient_accumulation_steps ({self.gradient_accumulation_steps}); "
                                f"use a multiple of {div}, e.g. {max(div, self.batch_size // div * div)}")
         return self.batch_size // div
@@ -130,6 +134,37 @@ class RunConfig:
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
                 "data": dataclasses.asdict(self.data)}
+
+
+_TOPOLOGY_FIELDS = (("ffn_hidden_size=", "model.moe.ffn_hidden_size="), ("hidden_size=", "model.d_model="),
+                    ("num_experts=", "model.moe.num_experts="), ("tp_size=", "model.tp_size="),
+                    ("ep_size=", "model.moe.ep_size="))
+
+
+def check_parallel_layout(run: RunConfig, world_size: int) -> None:
+    """The world must factor as TP x DP (``model.tp_size``) with the expert groups of
+    ``model.moe.ep_size`` laid out in it (``parallel.topology.validate_topology``), and
+    ``train.batch_size`` must split over the DP ranks. Raises ValueError naming the field; call
+    before any process group exists."""
+    from ..parallel.topology import validate_topology
+
+    m = run.model
+    moe = m.moe_config()
+    ep = moe.ep_size if m.moe_blocks else 1
+    if m.tp_size == 1 and world_size % ep:
+        raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size ({world_size} ranks); "
+                         f"start {ep}*N ranks or set model.moe.ep_size=1")
+    try:
+        validate_topology(world_size, m.tp_size, ep, moe.num_experts, m.d_model,
+                          moe.ffn_hidden_size, expert_tensor_parallel=moe.enable_expert_tensor_parallelism)
+    except ValueError as e:
+        msg = str(e)
+        for ours, field_name in _TOPOLOGY_FIELDS:
+            if msg.startswith(ours):
+                msg = field_name + msg[len(ours):]
+                break
+        raise ValueError(msg) from None
+    run.train.micro_batch_size(world_size, m.tp_size)  # the global batch splits over the DP ranks
 
 
 def parse_override(item: str):

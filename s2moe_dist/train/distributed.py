@@ -133,3 +133,35 @@ def init_distributed(launch: Launch, backend: Optional[str] = None) -> None:
 def device_for(launch: Launch):
     import torch
     return torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class ParallelLayout:
+    """Where this rank sits in the world = TP x DP (Megatron's order: TP groups are contiguous)."""
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    mpu: Optional[object]  # deepspeed.initialize(mpu=...): None without tensor parallelism
+
+
+def init_model_parallel(tp_size: int) -> ParallelLayout:
+    """After the process group: Megatron's parallel state for ``tp_size``, S2MoE layers and the
+    model's dense layers on its TP group. ``tp_size`` 1 touches nothing (no Megatron import).
+    The world/TP/EP layout is validated before (``train.config.check_parallel_layout``)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tp_size == 1:
+        return ParallelLayout(1, 0, world, rank, None)
+    from megatron.core import parallel_state as ps
+
+    from ..integrations.megatron import megatron_mpu, use_megatron_parallel_state
+    from ..integrations.megatron_linear import MegatronLinearFactory
+    from ..model import set_linear_factory
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    use_megatron_parallel_state()  # S2MoE layers built from now on split tokens (and experts) over TP
+    set_linear_factory(MegatronLinearFactory())
+    return ParallelLayout(tp_size, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_world_size(),
+                          ps.get_data_parallel_rank(), megatron_mpu())

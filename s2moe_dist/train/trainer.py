@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from .config import RunConfig, load_run_config
-from .distributed import Launch, device_for, init_distributed, resolve_launch
+from .config import RunConfig, check_parallel_layout, load_run_config
+from .distributed import Launch, device_for, init_distributed, init_model_parallel, resolve_launch
 from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
@@ -123,13 +123,11 @@ def setup(args: TrainArgs) -> Setup:
 
     run = load_run_config(args.config, args.overrides, args.data)
     launch = resolve_launch()
-    ep = run.model.moe_config().ep_size
-    if launch.world_size % ep:
-        raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size "
-                         f"({launch.world_size} ranks); start {ep}*N ranks or set model.moe.ep_size=1")
+    check_parallel_layout(run, launch.world_size)  # world = TP x DP, EP groups, batch over DP
     device = "cuda" if torch.cuda.is_available() else "cpu"
     notes: List[str] = []
-    ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size, device=device, notes=notes)
+    ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size // run.model.tp_size, device=device,
+                                notes=notes)
     if launch.rank == 0:
         for note in notes:
             print(f"[s2moe-train] note: {note}", flush=True)
@@ -175,9 +173,12 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.s.launch)
         t, m = self.t, self.run_cfg.model
+        # TP ranks of one data-parallel rank read the same batch and draw the same noise
+        layout = init_model_parallel(m.tp_size)
+        self.dp_rank, self.dp_size = layout.dp_rank, layout.dp_size
         torch.manual_seed(t.seed)  # identical dense weights on every rank; experts: per global id
         model = CharLM(m)
-        self.micro = t.micro_batch_size(self.world)
+        self.micro = t.micro_batch_size(self.world, m.tp_size)
         groups = s2moe_param_groups(model, weight_decay=t.weight_decay)
         kwargs = {}
         if "optimizer" in self.s.ds_config:
@@ -185,14 +186,14 @@ class Trainer:
         else:
             kwargs["optimizer"] = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                                     weight_decay=t.weight_decay)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.s.ds_config, **kwargs)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.s.ds_config, mpu=layout.mpu, **kwargs)
         self.model = self.engine.module
         self.moe_layers = self.model.moe_layers()
-        # per-rank streams for noise / dropout / InfoNCE sampling
-        torch.manual_seed(t.seed + 1_000_003 * (self.rank + 1))
-        random.seed(t.seed + self.rank)
-        np.random.seed((t.seed + self.rank) % 2 ** 32)
-        self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.rank, self.world,
+        # per-DP-rank streams for noise / dropout / InfoNCE sampling (= per rank without TP)
+        torch.manual_seed(t.seed + 1_000_003 * (self.dp_rank + 1))
+        random.seed(t.seed + self.dp_rank)
+        np.random.seed((t.seed + self.dp_rank) % 2 ** 32)
+        self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.dp_rank, self.dp_size,
                                             t.seed)
         self.step = 0
         self.flags = SignalFlags().install()
@@ -250,9 +251,9 @@ class Trainer:
         from ..data import EvalBatches
 
         m = self.run_cfg.model
-        per_rank = max(1, self.t.eval_windows // self.world) if self.t.eval_windows else None
+        per_rank = max(1, self.t.eval_windows // self.dp_size) if self.t.eval_windows else None
         bs = min(self.micro, per_rank) if per_rank else self.micro
-        batches = EvalBatches(self.s.corpus.valid, m.seq_len, bs, self.rank, self.world,
+        batches = EvalBatches(self.s.corpus.valid, m.seq_len, bs, self.dp_rank, self.dp_size,
                               max_batches=-(-per_rank // bs) if per_rank else None)
         result = bpc(self.model, batches, self.t.eval_k, self.device)
         self.logger.scalars(self.step, {f"eval/bpc_k{k}": v for k, v in result.items()})
