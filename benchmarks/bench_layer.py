@@ -85,14 +85,14 @@ def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe", noise=1.0):
 
 def train_step(module, x, grad_out):
     def step():
-        module.zero_grad(set_to_none=True)
-        x.grad = None
         y, l_aux, _ = module(x)
         loss = (y * grad_out).sum() + BALANCE_COEF * l_aux
         lu = getattr(module, "uncertainty_loss", None)
         if lu is not None:
             loss = loss + UNCERTAINTY_COEF * lu
         loss.backward()
+        module.zero_grad(set_to_none=True)  # free the gradients: 9 layers' worth do not fit at the large shape
+        x.grad = None
     return step
 
 
@@ -239,7 +239,7 @@ def report(results, opts):
                 f"- wall ms: slowest rank; CPU ms/rank: process CPU time (user+sys), mean over ranks -- the steadier "
                 f"figure when other jobs share the cores; ratios are given as wall / CPU (medians); best CPU ms: "
                 f"the fastest repeat, the least disturbed one\n"
-                f"- peak MiB: torch allocations during one step above those live before it (profiler "
+                f"- peak MiB: torch allocations during one step (gradients included) above those live before it (profiler "
                 f"allocation events, rank 0); a2a: all_to_all(_single) calls and input bytes per step, "
                 f"max over ranks; slots/rank: (token, expert) rows each rank's experts get when balanced")
     return settings + "\n\n" + common.markdown_table(header, rows) + "\n\n" + "\n".join(checks)

@@ -242,14 +242,16 @@ def load_average() -> str:
 
 
 def git_revision() -> str:
-    """Short commit of the code measured, ``+dirty`` when tracked code under s2moe_dist/ or
-    benchmarks/ differs from it."""
+    """Short commit of the code measured, ``+dirty`` when the tracked code the benchmarks import
+    differs from it."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "s2moe_dist", "benchmarks/*.py"],
+        paths = ["s2moe_dist/moe", "s2moe_dist/parallel", "s2moe_dist/integrations", "s2moe_dist/config.py",
+                 "benchmarks/*.py"]  # what the benchmarks import
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", *paths],
                                cwd=root, capture_output=True, text=True).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
