@@ -103,10 +103,12 @@ def _bench(rank, world, opts):
                                           f"top-{m.moe['k']}, dropout {m.dropout}"}
     for e in engines.values():
         e.train()
-    out["train"] = common.interleaved({t: train_step(engines[t], x, y) for t in TRAIN}, opts["repeats"],
-                                      warmup=opts["warmup"])
-    out["infer"] = common.interleaved({n: infer_step(engines[t], x, k) for n, (t, k) in INFER.items()},
-                                      opts["repeats"], warmup=opts["warmup"])
+    steps = {"train": {t: train_step(engines[t], x, y) for t in TRAIN},
+             "infer": {n: infer_step(engines[t], x, k) for n, (t, k) in INFER.items()}}
+    for mode, fns in steps.items():
+        out[mode] = common.interleaved(fns, opts["repeats"], warmup=opts["warmup"])
+    out["profile"] = {f"{mode} {n}": common.profile_table(fn, rows=opts.get("profile_rows", 15))
+                      for mode, fns in steps.items() for n, fn in fns.items() if n in opts.get("profile", ())}
     out["load_after"] = common.load_average()
     return out
 
@@ -138,6 +140,9 @@ def main(argv=None):
     p.add_argument("--micro", type=int, default=None, help="sequences per rank per step (default: the shape's)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ZeRO-0 fp32)")
+    p.add_argument("--profile", nargs="*", default=[], metavar="CONTESTANT",
+                   help="print a torch.profiler breakdown of these contestants' steps (rank 0)")
+    p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--json", default=os.path.join(HERE, "results", "bench_model.json"),
                    help="raw results (and the table next to it as .md); '-': none")
     p.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
@@ -145,7 +150,8 @@ def main(argv=None):
     all_rows, runs = [], {}
     for shape in args.shapes:
         for world in args.worlds:
-            opts = dict(SHAPES[shape], repeats=args.repeats, warmup=args.warmup, deepspeed=args.deepspeed)
+            opts = dict(SHAPES[shape], repeats=args.repeats, warmup=args.warmup, deepspeed=args.deepspeed,
+                        profile=args.profile, profile_rows=args.profile_rows)
             if args.micro:
                 opts["micro"] = args.micro
             if args.seq_len:
@@ -156,6 +162,8 @@ def main(argv=None):
             all_rows += rows
             runs[f"{shape}/world{world}"] = {"opts": opts, "result": r, "tokens_per_s": fig}
             print(common.markdown_table(HEADER, rows), flush=True)
+            for name, text in r.pop("profile", {}).items():
+                print(f"\n### profile: {shape} {world} rank(s), {name} (rank 0)\n{text}", flush=True)
     body = report(args, all_rows, runs)
     print(body)
     if args.json != "-":
