@@ -53,12 +53,19 @@ def load_model(path: str, device="cpu"):
     run: RunConfig = run_config_from_dict(saved)
     run.data.path = state["config"]["data"].get("path")
     run.model.moe["ep_size"] = 1  # one process holds every expert
+    tp_size, run.model.tp_size = run.model.tp_size, 1  # ... and whole dense layers (TP shards merged)
     if not dist.is_initialized():  # a 1-process group, whatever launcher variables are around
         init_distributed(Launch("single", 0, 1, 0, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}),
                          backend="gloo" if str(device) == "cpu" else None)
     torch.manual_seed(0)
     model = CharLM(run.model)
+    if tp_size > 1:  # one model file per TP rank: merged here, not through DeepSpeed
+        from .tp_checkpoint import merged_state_dict
+        moe = run.model.moe_config()
+        model.load_state_dict(merged_state_dict(ckpt_dir, tag, model, tp_size, moe.activation,
+                                                moe.enable_expert_tensor_parallelism))
+        return model.float().to(device).eval(), run, {**state, "checkpoint": os.path.join(ckpt_dir, tag)}
     cfg = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "steps_per_print": 10 ** 9}
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
