@@ -160,7 +160,10 @@ def init_model_parallel(tp_size: int) -> ParallelLayout:
     from ..integrations.megatron_linear import MegatronLinearFactory
     from ..model import set_linear_factory
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    import torch.distributed.distributed_c10d as c10d
+    # Megatron gives its groups an explicit timeout (default 30 min): use the one set for ours
+    minutes = c10d.default_pg_timeout.total_seconds() / 60
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp_size, distributed_timeout_minutes=minutes)
     use_megatron_parallel_state()  # S2MoE layers built from now on split tokens (and experts) over TP
     set_linear_factory(MegatronLinearFactory())
     return ParallelLayout(tp_size, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_world_size(),
