@@ -6,6 +6,8 @@
     s2moe-ckpt  reshard SRC DST --ep-size N   (s2moe_dist.integrations.reshard)
 
 Bad arguments and configs exit with status 2 and one line naming the field and the fix.
+s2moe-train: 3 when NaN/Inf steps stopped the run, 4 when a checkpoint could not be written
+(README_reliability); SIGTERM (from CLI entry on, start-up included) checkpoints and exits 0.
 """
 from __future__ import annotations
 
@@ -40,15 +42,34 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+
+
 def train_main(argv: Optional[List[str]] = None) -> int:
-    args = train_parser().parse_args(argv)
-    from .train.trainer import TrainArgs, train
-    targs = TrainArgs(config=args.config, deepspeed=args.deepspeed, data=args.data, overrides=args.overrides,
-                      resume=args.resume, output=args.output)
+    # SIGTERM / SIGUSR1 handlers first: the imports and start-up below take 10-20 s, and a
+    # preemption signal then must not kill the rank (it exits 0 once all ranks agree)
+    from .train.signals import SignalFlags
+    flags = SignalFlags().install()
     try:
-        return train(targs)
-    except ValueError as e:
-        return _fail("s2moe-train", e)
+        args = train_parser().parse_args(argv)
+        from .train.checkpoint import CheckpointError
+        from .train.nonfinite import NonFiniteError
+        from .train.trainer import TrainArgs, train
+        targs = TrainArgs(config=args.config, deepspeed=args.deepspeed, data=args.data, overrides=args.overrides,
+                          resume=args.resume, output=args.output)
+        try:
+            return train(targs, flags)
+        except ValueError as e:
+            return _fail("s2moe-train", e)
+        except NonFiniteError as e:
+            _fail("s2moe-train", e)
+            return EXIT_NONFINITE
+        except CheckpointError as e:
+            _fail("s2moe-train", e)
+            return EXIT_CHECKPOINT
+    finally:
+        flags.uninstall()
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,10 @@ class TrainConfig:
     ckpt_every: int = 100  # 0: only at the end and on signals
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0: keep all
     progress: bool = True  # tqdm bar on rank 0
+    # reliability (README_reliability): a collective waiting longer than this raises (a rank hung
+    # or gone) instead of hanging; NaN/Inf steps are skipped, this many in a row stop the run
+    collective_timeout_s: float = 600.0
+    max_consecutive_nonfinite: int = 5
 
     def validate(self, model: ModelConfig) -> None:
         o = "train"
@@ -79,6 +83,11 @@ class TrainConfig:
         check_float(o, "eps", self.eps, strict=True)
         check_float(o, "grad_clip", self.grad_clip)
         check_bool(o, "progress", self.progress)
+        check_float(o, "collective_timeout_s", self.collective_timeout_s, strict=True)
+        if self.collective_timeout_s == float("inf"):
+            raise config_error(o, "collective_timeout_s", self.collective_timeout_s,
+                               "must be a finite number of seconds (default 600): a hung rank would hang all")
+        check_int(o, "max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
         if (not isinstance(self.eval_k, (list, tuple)) or not self.eval_k
                 or any(isinstance(k, bool) or not isinstance(k, int) for k in self.eval_k)):
             raise config_error(o, "eval_k", self.eval_k, "must be a non-empty list of integers, e.g. [1, 2]")

@@ -65,8 +65,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_ranks(rank: int, world: int, local: int, names, env: Mapping[str, str]) -> None:
+    """The launcher's numbers must make sense: a rank outside the world would wait at rendezvous."""
+    rank_var, size_var, local_var = names
+    if world < 1:
+        raise ValueError(f"environment variable {size_var}={world} is invalid: must be >= 1 (the number of ranks)")
+    if not 0 <= rank < world:
+        raise ValueError(f"environment variable {rank_var}={rank} is invalid: must be in [0, {size_var}={world}); "
+                         "check the launcher's rank numbering")
+    if local < 0:
+        raise ValueError(f"environment variable {local_var}={local} is invalid: must be >= 0")
+    per_node = env.get("LOCAL_WORLD_SIZE")  # torchrun
+    if per_node is not None and local >= _int_env(env, "LOCAL_WORLD_SIZE"):
+        raise ValueError(f"environment variable {local_var}={local} is invalid: must be < LOCAL_WORLD_SIZE="
+                         f"{per_node} (ranks on this node)")
+    port = env.get("MASTER_PORT")
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        raise ValueError(f"environment variable MASTER_PORT={port!r} is invalid: must be a TCP port in [1, 65535] "
+                         "that every rank can reach on MASTER_ADDR")
+
+
+def check_local_device(launch: "Launch", device_count: int) -> None:
+    """On GPUs each rank of a node takes device LOCAL_RANK: more ranks than devices cannot start."""
+    if device_count and launch.local_rank >= device_count:
+        raise ValueError(f"LOCAL_RANK={launch.local_rank} is invalid: this node has {device_count} visible GPU(s) "
+                         "and rank i uses GPU i; start at most that many ranks per node (--nproc_per_node / "
+                         "--num_gpus / --ntasks-per-node) or widen CUDA_VISIBLE_DEVICES")
+
+
 def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
     env = dict(os.environ if environ is None else environ)
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        have, lack = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"environment variable {have} is set but {lack} is not: a launcher sets both (torchrun, "
+                         f"the deepspeed launcher); export {lack} too, or unset {have} for a single process")
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
         local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
@@ -74,6 +106,7 @@ def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
         if missing and world > 1:
             raise ValueError(f"RANK/WORLD_SIZE are set but {missing} are not: start through the deepspeed "
                              "launcher, torchrun, srun or mpirun, or export them")
+        _check_ranks(rank, world, local, ("RANK", "WORLD_SIZE", "LOCAL_RANK"), env)
         out = {"LOCAL_RANK": str(local)}
         if world == 1:
             out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
@@ -88,11 +121,13 @@ def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
             if size is None:
                 raise ValueError(f"{rank_var} is set but {size_var} is not: cannot tell the MPI world size")
             local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", "0"))
+            _check_ranks(_int_env(env, rank_var), size, int(local), (rank_var, size_var, "local rank"), env)
             # RANK etc. are filled in by deepspeed.init_distributed's MPI discovery (mpi4py)
             return Launch("mpi", _int_env(env, rank_var), size, int(local), {})
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
         local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        _check_ranks(rank, world, local, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"), env)
         addr = env.get("MASTER_ADDR")
         if not addr:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -116,8 +151,32 @@ def default_backend() -> str:
     return os.environ.get("S2MOE_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def init_distributed(launch: Launch, backend: Optional[str] = None) -> None:
-    """Export the launcher's variables, pick the device, start DeepSpeed's process group."""
+def set_collective_timeout(seconds: float) -> None:
+    """Every process group gets ``seconds``: the world group and those created later. torch gives
+    ``new_group`` its own default (30 min gloo / 10 min NCCL), not the world group's timeout, and
+    DeepSpeed's expert groups and Megatron's groups are created that way; so the defaults are
+    replaced, and groups that exist already are updated."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    td = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = td
+    c10d.default_pg_nccl_timeout = td
+    if dist.is_initialized():
+        for group in list(c10d._world.pg_names):
+            try:
+                c10d._set_pg_timeout(td, group)
+            except (ValueError, RuntimeError, AssertionError):  # a group this rank is not in
+                pass
+
+
+def init_distributed(launch: Launch, backend: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
+    """Export the launcher's variables, pick the device, start DeepSpeed's process group.
+    ``timeout_s``: collective timeout of every group (``set_collective_timeout``); a collective
+    waiting longer (a rank hung or gone) raises instead of hanging. Under NCCL the watchdog then
+    aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default)."""
     import deepspeed
     import torch
 
@@ -126,8 +185,13 @@ def init_distributed(launch: Launch, backend: Optional[str] = None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
     port = int(os.environ.get("MASTER_PORT", DEFAULT_PORT))
+    kwargs = {}
+    if timeout_s is not None:
+        from datetime import timedelta
+        set_collective_timeout(timeout_s)
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launch.launcher == "mpi",
-                               distributed_port=port, verbose=False)
+                               distributed_port=port, verbose=False, **kwargs)
 
 
 def device_for(launch: Launch):

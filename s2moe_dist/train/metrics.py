@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 TRAIN_TAGS = ("train/loss_total", "train/loss_task", "train/loss_balance", "train/loss_uncertainty",
-              "train/lr", "train/grad_norm", "train/tokens_per_s")
+              "train/lr", "train/grad_norm", "train/tokens_per_s", "train/skipped_steps")
 EVAL_TAG = "eval/bpc_k{k}"
-LAYER_SCALARS = ("expert_fraction_max_over_mean", "drop_fraction", "gate_mean", "infonce_accuracy")
+LAYER_SCALARS = ("expert_fraction_max_over_mean", "drop_fraction", "gate_mean", "infonce_accuracy", "balance_loss")
 LAYER_HISTOGRAM = "expert_fraction"
 
 
@@ -37,7 +37,8 @@ def gather_moe_stats(moe_layers, device) -> Dict[int, Dict[str, object]]:
     """Per-layer statistics of the last forward, reduced over ranks (collective).
 
     Expert counts are summed over ranks (fractions of all routed slots); drop fraction, gate
-    mean and InfoNCE accuracy are averaged over ranks. One all-reduce for all layers."""
+    mean, InfoNCE accuracy and the layer's balance loss (``l_aux``, before ``balance_coef``) are
+    averaged over ranks. One all-reduce for all layers."""
     import torch.distributed as dist
 
     rows = []
@@ -46,7 +47,8 @@ def gather_moe_stats(moe_layers, device) -> Dict[int, Dict[str, object]]:
         counts = st["expert_counts"].to(device=device, dtype=torch.float64)
         extras = torch.tensor([float(st.get("drop_fraction", 0.0)),
                                float(st["gate_mean"]) if "gate_mean" in st else float("nan"),
-                               float(st["infonce_accuracy"]) if "infonce_accuracy" in st else float("nan")],
+                               float(st["infonce_accuracy"]) if "infonce_accuracy" in st else float("nan"),
+                               float(layer.l_aux.detach())],
                               dtype=torch.float64, device=device)
         rows.append(torch.cat([counts, extras]))
     if not rows:
@@ -61,10 +63,10 @@ def gather_moe_stats(moe_layers, device) -> Dict[int, Dict[str, object]]:
         n = row.numel()
         part = flat[pos:pos + n].cpu()
         pos += n
-        counts, extras = part[:-3], part[-3:] / world
+        counts, extras = part[:-4], part[-4:] / world
         frac = counts / counts.sum().clamp_min(1)
         stats = {"expert_fraction": frac, "expert_fraction_max_over_mean": float(frac.max() / frac.mean()),
-                 "drop_fraction": float(extras[0])}
+                 "drop_fraction": float(extras[0]), "balance_loss": float(extras[3])}
         if not torch.isnan(extras[1]):
             stats["gate_mean"] = float(extras[1])
         if not torch.isnan(extras[2]):
@@ -98,7 +100,9 @@ class Logger:
     def moe(self, step: int, stats: Dict[int, Dict[str, object]]) -> None:
         if not self.enabled:
             return
+        row = {"step": step}
         for i, st in stats.items():
+            row.update({layer_tag(i, k): (v.tolist() if torch.is_tensor(v) else v) for k, v in st.items()})
             frac = st["expert_fraction"].double()
             n = frac.numel()
             # x axis: expert id (bucket e covers [e, e+1)); height: fraction of routed slots
@@ -110,6 +114,7 @@ class Logger:
             for name in LAYER_SCALARS:
                 if name in st:
                     self.writer.add_scalar(layer_tag(i, name), st[name], step)
+        self.jsonl.write(json.dumps(row) + "\n")  # the same values, expert fractions as a list
 
     def flush(self) -> None:
         if self.enabled:

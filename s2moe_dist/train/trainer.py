@@ -6,6 +6,10 @@
     Trainer.start()  process group, model, engine, resume
     Trainer.loop()   step, log, eval, checkpoint, signals (checkpoint at the step boundary;
                      SIGTERM then exits 0)
+
+Reliability (README_reliability): collective timeout (``train.collective_timeout_s``), NaN/Inf
+steps skipped on all ranks (``nonfinite.py``), checkpoints with a checksum manifest and fallback
+(``checkpoint.py``), signals handled from CLI entry (a SIGTERM during start-up exits 0).
 """
 from __future__ import annotations
 
@@ -18,18 +22,21 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import faults
 from .config import RunConfig, check_parallel_layout, load_run_config
-from .distributed import Launch, device_for, init_distributed, init_model_parallel, resolve_launch
+from .distributed import (Launch, check_local_device, device_for, init_distributed, init_model_parallel,
+                          resolve_launch)
 from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
+from .nonfinite import NonFiniteGuard
 from .signals import SignalFlags
 
 CKPT_SUBDIR = "checkpoints"
@@ -125,6 +132,8 @@ def setup(args: TrainArgs) -> Setup:
     launch = resolve_launch()
     check_parallel_layout(run, launch.world_size)  # world = TP x DP, EP groups, batch over DP
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        check_local_device(launch, torch.cuda.device_count())
     notes: List[str] = []
     ds_config = build_ds_config(args.deepspeed, run.train, launch.world_size // run.model.tp_size, device=device,
                                 notes=notes)
@@ -139,6 +148,10 @@ def setup(args: TrainArgs) -> Setup:
     found = resolve_resume(args.resume, ckpt_dir)
     if found is not None:
         check_resumable(*found, run, launch.world_size)
+    problem = ckpt.probe_write(ckpt_dir)  # every rank writes checkpoint files
+    if problem:
+        raise ValueError(f"--output {output}: checkpoints cannot be written to {ckpt_dir} ({problem}); "
+                         "choose a writable --output with free space")
     d = run.data
     corpus = load_corpus(d.path, kind=d.kind, split=tuple(d.split), cache_dir=d.cache_dir)
     corpus.check_seq_len(run.model.seq_len)
@@ -151,13 +164,15 @@ def setup(args: TrainArgs) -> Setup:
 
 
 class Trainer:
-    def __init__(self, s: Setup):
+    def __init__(self, s: Setup, flags: Optional[SignalFlags] = None):
         self.s = s
         self.run_cfg, self.t = s.run, s.run.train
         self.ckpt_dir = os.path.join(s.output, CKPT_SUBDIR)
         self.tokens_seen = 0
+        self.skipped_steps = 0  # NaN/Inf steps skipped over the whole run (kept in checkpoints)
         self.bar = None
-        self.flags = None
+        self.flags = flags  # installed at CLI entry: a signal during start-up is not lost
+        self.exit_at_start = False
 
     # ---- construction -----------------------------------------------------------------------
     def start(self) -> None:
@@ -169,10 +184,16 @@ class Trainer:
         from ..model import CharLM
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        init_distributed(self.s.launch)
+        if self.flags is None:
+            self.flags = SignalFlags().install()
+        init_distributed(self.s.launch, timeout_s=self.t.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.s.launch)
         t, m = self.t, self.run_cfg.model
+        if faults.active():
+            faults.at_start(self.rank)
+        if self._exit_requested_at_start():  # before the slow part (model, engine, resume)
+            return
         # TP ranks of one data-parallel rank read the same batch and draw the same noise
         layout = init_model_parallel(m.tp_size)
         self.dp_rank, self.dp_size = layout.dp_rank, layout.dp_size
@@ -196,8 +217,11 @@ class Trainer:
         self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.dp_rank, self.dp_size,
                                             t.seed)
         self.step = 0
-        self.flags = SignalFlags().install()
         self._resume()
+        self.guard = NonFiniteGuard(self.model, self.engine, t.max_consecutive_nonfinite, self.rank, self.world,
+                                    self.device)
+        if faults.active():
+            faults.install_router_bias(self.moe_layers, lambda: self.step + 1)
         if self.rank == 0:
             os.makedirs(self.s.output, exist_ok=True)
             with open(os.path.join(self.s.output, "config.yaml"), "w") as f:
@@ -205,17 +229,61 @@ class Trainer:
             with open(os.path.join(self.s.output, "ds_config.json"), "w") as f:
                 json.dump(self.s.ds_config, f, indent=2)
         self.logger = Logger(self.s.output, self.rank, purge_step=self.step + 1 if self.step else None)
+        self._exit_requested_at_start()
 
-    def _resume(self) -> None:
+    def _exit_requested_at_start(self) -> bool:
+        """Collective. A SIGTERM that arrived during start-up: nothing was trained since the
+        checkpoint we started from, so there is nothing to save; exit 0 (requeue-friendly)."""
+        _, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
+        if want_exit and not self.exit_at_start:
+            self.exit_at_start = True
+            self._say(f"SIGTERM during start-up: nothing to save (step {getattr(self, 'step', 0)}), exiting")
+        return self.exit_at_start
+
+    def _resume_candidates(self) -> List[Tuple[str, str]]:
+        """(folder, tag) to try in order (rank 0 reads the folder)."""
+        resume = self.s.args.resume
+        if resume is None:
+            return []
+        found = resolve_resume(resume, self.ckpt_dir)
+        if found is None:
+            return []
+        folder, tag = found
+        if resume != "auto" and os.path.basename(os.path.abspath(resume)) == tag:
+            return [found]  # a given tag folder: that one or nothing
+        return [(folder, t) for t in ckpt.resume_candidates(folder)]
+
+    def _verified_resume_tag(self) -> Optional[Tuple[str, str]]:
+        """Collective: the first candidate whose files match their manifest (each rank checks a
+        share of the sha256 sums); damaged ones are reported and renamed out of the way."""
         import torch.distributed as dist
 
-        found = [resolve_resume(self.s.args.resume, self.ckpt_dir) if self.rank == 0 else None]
-        dist.broadcast_object_list(found, src=0)  # every rank resumes from the tag rank 0 chose
-        if found[0] is None:
+        cands = [self._resume_candidates() if self.rank == 0 else None]
+        dist.broadcast_object_list(cands, src=0)  # every rank resumes from the tag rank 0 chose
+        for folder, tag in cands[0]:
+            problems = [None] * self.world
+            dist.all_gather_object(problems, ckpt.verify(folder, tag, checksums=True, share=(self.rank, self.world)))
+            bad = "; ".join(p for p in problems if p)
+            if not bad:
+                return folder, tag
+            if self.rank == 0:
+                print(f"[s2moe-train] {ckpt.damaged_warning(folder, tag, bad)}", flush=True)
+                if folder == self.ckpt_dir:
+                    print(f"[s2moe-train] renamed it to {ckpt.mark_damaged(folder, tag)}", flush=True)
+            dist.barrier()
+        if cands[0]:
+            raise ValueError(f"--resume {self.s.args.resume}: every complete checkpoint in {cands[0][0][0]} is "
+                             "damaged (see the warnings above); start again with a new --output")
+        return None
+
+    def _resume(self) -> None:
+        found = self._verified_resume_tag()
+        if found is None:
             if self.s.args.resume == "auto" and self.rank == 0:
                 print(f"[s2moe-train] no checkpoint in {self.ckpt_dir}: starting from step 0", flush=True)
             return
-        load_dir, tag = found[0]
+        load_dir, tag = found
+        check_resumable(load_dir, tag, self.run_cfg, self.world)
         _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         state = client["s2moe"]
@@ -226,6 +294,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"][self.rank])
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.resumed_from = os.path.join(load_dir, tag)
         if self.rank == 0:
             print(f"[s2moe-train] resumed from {os.path.join(load_dir, tag)} at step {self.step}", flush=True)
 
@@ -237,6 +307,7 @@ class Trainer:
         every = [None] * self.world
         dist.all_gather_object(every, mine)  # client_state is written by rank 0 only
         return {"s2moe": {"step": self.step, "world_size": self.world, "tokens_seen": self.tokens_seen,
+                          "skipped_steps": self.skipped_steps,
                           "config": self.run_cfg.to_dict(), "data": [e["data"] for e in every],
                           "rng": [e["rng"] for e in every]}}
 
@@ -244,6 +315,7 @@ class Trainer:
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.t.keep_checkpoints,
                         self.rank, marker={"model": self.run_cfg.model.to_dict()})
         self.last_saved = self.step
+        self.last_saved_tag = os.path.join(self.ckpt_dir, tag)
         self._say(f"checkpoint {os.path.join(self.ckpt_dir, tag)}")
         return tag
 
@@ -270,6 +342,8 @@ class Trainer:
             g["lr"] = lr
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # no host sync per step
         gas = self.t.gradient_accumulation_steps
+        step = self.step + 1  # the step being trained, as logged
+        hooks = faults.before_step(step, self.rank, self.model) if faults.active() else []
         for micro in range(gas):
             for _, layer in self.moe_layers:  # InfoNCE accuracy costs a [N, N] product: log steps only
                 layer.record_infonce_accuracy = record and micro == gas - 1
@@ -277,11 +351,24 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             logits = self.engine(x)
             parts = lm_loss(self.model, logits, y)
-            self.engine.backward(parts.total)
-            self.engine.step()
-            sums += torch.stack([p.detach().double() for p in parts])
+            total = faults.after_forward(step, self.rank, parts.total, self.model) if faults.active() else parts.total
+            self.guard.check_loss(total)
+            self.engine.backward(total)
+            if micro == gas - 1:  # the optimizer step: taken on all ranks or skipped on all
+                causes = self.guard.decide()
+                skip = bool(causes["loss"] or causes["grad"])
+                ds_skips = self.engine.skipped_steps
+                with self.guard.skipping(skip):
+                    self.engine.step()
+                if self.engine.skipped_steps > ds_skips and not skip:  # DeepSpeed's own overflow check
+                    causes["deepspeed"], skip = True, True
+            else:
+                self.engine.step()
+            sums += torch.stack([total.detach().double()] + [p.detach().double() for p in parts[1:]])
+        for h in hooks:
+            h.remove()
         self.tokens_seen += self.t.batch_size * self.run_cfg.model.seq_len
-        return {"loss": sums / gas, "lr": lr}
+        return {"loss": sums / gas, "lr": lr, "nonfinite": causes if skip else None}
 
     def _log(self, out, step_time: float, steps_timed: int) -> Dict[str, float]:
         import torch.distributed as dist
@@ -296,7 +383,7 @@ class Trainer:
         values = {"train/loss_total": total, "train/loss_task": task, "train/loss_balance": bal,
                   "train/loss_uncertainty": unc, "train/lr": out["lr"],
                   "train/grad_norm": float(norm) if norm is not None else float("nan"),
-                  "train/tokens_per_s": tokens / max(step_time, 1e-9)}
+                  "train/tokens_per_s": tokens / max(step_time, 1e-9), "train/skipped_steps": self.skipped_steps}
         assert set(values) == set(TRAIN_TAGS)
         self.logger.scalars(self.step, values)
         self.logger.moe(self.step, gather_moe_stats(self.moe_layers, self.device))
@@ -321,9 +408,11 @@ class Trainer:
         self.bar = tqdm(total=t.steps, initial=self.step, dynamic_ncols=True, unit="step",
                         desc="s2moe-train") if show else None
         self.last_saved = self.step if self.step else -1
+        self.last_saved_tag = getattr(self, "resumed_from", None)
         self.last_eval: Dict[int, float] = {}
         timer, timed = 0.0, 0
         stopped = False
+        ckpt_pending = False  # a checkpoint due at a skipped (non-finite) step waits for a good one
         while self.step < t.steps:
             log_now = t.log_every > 0 and (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
             t0 = time.perf_counter()
@@ -331,6 +420,15 @@ class Trainer:
             timer += time.perf_counter() - t0
             timed += 1
             self.step += 1
+            skipped = out["nonfinite"]
+            self.guard.record(self.step, skipped is not None)
+            if skipped is not None:
+                self.skipped_steps += 1
+                log_now = True
+                what = (f"non-finite loss on ranks {skipped['loss']}, gradients on ranks {skipped['grad']}"
+                        if not skipped.get("deepspeed") else "DeepSpeed found a non-finite gradient norm")
+                self._say(f"step {self.step}: {what}: step skipped on every rank ({self.guard.streak} in a row, "
+                          f"stop at train.max_consecutive_nonfinite={t.max_consecutive_nonfinite})")
             if log_now:
                 values = self._log(out, timer, timed)
                 timer, timed = 0.0, 0
@@ -343,14 +441,23 @@ class Trainer:
                     self._say(f"step {self.step}/{t.steps} " + " ".join(f"{k} {v}" for k, v in post.items()))
             if self.bar is not None:
                 self.bar.update(1)
+            if self.guard.streak >= t.max_consecutive_nonfinite:
+                self.logger.flush()
+                raise self.guard.stop_error(self.step, skipped, self.last_saved_tag)
             if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
                 self.evaluate()
             want_ckpt, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
             periodic = t.ckpt_every and self.step % t.ckpt_every == 0
-            if (periodic or want_ckpt or self.step == t.steps) and self.last_saved != self.step:
-                self.save()
+            if (periodic or want_ckpt or ckpt_pending or self.step == t.steps) and self.last_saved != self.step:
+                ckpt_pending = self.guard.streak > 0  # never save over the last good checkpoint
+                if ckpt_pending:
+                    self._say(f"step {self.step}: checkpoint postponed (the step was skipped as non-finite)")
+                else:
+                    self.save()
             if want_exit:
-                self._say(f"SIGTERM: checkpointed at step {self.step}, exiting")
+                self._say(f"SIGTERM: checkpointed at step {self.step}, exiting" if self.last_saved == self.step else
+                          f"SIGTERM: not checkpointing a skipped step; the last good checkpoint is "
+                          f"{self.last_saved_tag}; exiting")
                 stopped = True
                 break
         if self.bar is not None:
@@ -367,8 +474,7 @@ class Trainer:
         if self.rank != 0:
             return
         summary = {"step": self.step, "bpc_valid": {str(k): v for k, v in self.last_eval.items()},
-                   "tensorboard": self.logger.tb_dir, "checkpoint": os.path.join(self.ckpt_dir,
-                                                                                 ckpt.tag_for(self.step)),
+                   "tensorboard": self.logger.tb_dir, "checkpoint": self.last_saved_tag,
                    "output": self.s.output}
         with open(os.path.join(self.s.output, "final_eval.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -379,14 +485,18 @@ class Trainer:
         print(f"[s2moe-train] checkpoint: {summary['checkpoint']}", flush=True)
 
 
-def train(args: TrainArgs) -> int:
+def train(args: TrainArgs, flags: Optional[SignalFlags] = None) -> int:
+    """``flags``: signal handlers installed by the caller (the CLI, at entry); else installed at
+    start and removed at the end."""
     s = setup(args)
-    trainer = Trainer(s)
+    trainer = Trainer(s, flags)
     try:
         trainer.start()
-        code = trainer.loop()
+        code = 0 if trainer.exit_at_start else trainer.loop()
+        if trainer.exit_at_start and hasattr(trainer, "logger"):
+            trainer.logger.close()
     finally:
-        if trainer.flags is not None:
+        if flags is None and trainer.flags is not None:
             trainer.flags.uninstall()
     import torch.distributed as dist
     if dist.is_initialized():
