@@ -9,6 +9,7 @@ barrier and counts as the slowest rank's time.
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import platform
 import re
@@ -53,19 +54,33 @@ def _worker(rank, fn, world, port, outdir, args, threads):
         dist.destroy_process_group()
 
 
+def remove_deepspeed_shm(port: int, addr: str = "127.0.0.1") -> None:
+    """Unlink the /dev/shm all-reduce buffers (64 MiB per rank) that ``deepspeed.init_distributed``
+    makes on CPU for a run on ``addr:port`` and never removes (DeepSpeed 0.19.8's shm comm op)."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def spawn(fn, world: int, args: tuple = (), threads: int = 1, timeout: float = 3600.0) -> List:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned, free port); per-rank results."""
+    port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(fn, world, free_port(), outdir, args, threads),
+        ctx = mp.start_processes(_worker, args=(fn, world, port, outdir, args, threads),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1.0):
-            errors = [p for p in _results(outdir, world) if p and "error" in p]
-            if errors or time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                raise RuntimeError(errors[0]["error"] if errors else f"timed out after {timeout:.0f}s")
+        try:
+            while not ctx.join(timeout=1.0):
+                errors = [p for p in _results(outdir, world) if p and "error" in p]
+                if errors or time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    raise RuntimeError(errors[0]["error"] if errors else f"timed out after {timeout:.0f}s")
+        finally:
+            remove_deepspeed_shm(port)
         results = _results(outdir, world)
     for rank, r in enumerate(results):
         if r is None or "error" in r:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import tempfile
@@ -22,6 +23,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def remove_deepspeed_shm(port: int, addr: str = "127.0.0.1") -> None:
+    """Unlink the /dev/shm all-reduce buffers (64 MiB per rank) that ``deepspeed.init_distributed``
+    makes on CPU for a run on ``addr:port`` and never removes (DeepSpeed 0.19.8's shm comm op):
+    left there, every DeepSpeed test run leaks them until the machine runs out of memory."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict:
@@ -77,16 +89,19 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         ctx = mp.start_processes(_worker, args=(fn, world_size, port, outdir, args, use_deepspeed),
                                  nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1.0):
-            failed = _first_error(outdir, world_size)
-            if failed or time.monotonic() > deadline:
-                # a failed rank leaves the others blocked in a collective: stop them all now
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                if failed:
-                    raise RuntimeError(failed)
-                raise TimeoutError(f"distributed test did not finish in {timeout:.0f}s (hang?)")
+        try:
+            while not ctx.join(timeout=1.0):
+                failed = _first_error(outdir, world_size)
+                if failed or time.monotonic() > deadline:
+                    # a failed rank leaves the others blocked in a collective: stop them all now
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    if failed:
+                        raise RuntimeError(failed)
+                    raise TimeoutError(f"distributed test did not finish in {timeout:.0f}s (hang?)")
+        finally:
+            remove_deepspeed_shm(port)
         results = []
         for rank in range(world_size):
             path = os.path.join(outdir, f"rank{rank}.pt")

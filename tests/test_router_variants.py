@@ -220,3 +220,38 @@ def test_config_errors(entry, overrides, fragments):
         S2MoEConfig(**kw) if entry == "config" else S2MoELayer(**kw)
     for frag in fragments:
         assert frag in str(info.value)
+
+
+# ---- expert parallel: the routers are replicated, routing is per token ------------------------
+def _ep_body(rank, world, router_type):
+    import torch.distributed as dist
+    kw = dict(hidden_size=D, num_experts=E, k=2, ffn_hidden_size=H, router_type=router_type, moe_type="smoe")
+    torch.manual_seed(0)
+    ref = S2MoELayer(ep_size=1, **kw)
+    ep = S2MoELayer(ep_size=world, **kw)
+    e0, el = ep.first_expert, ep.num_local_experts
+    with torch.no_grad():
+        for name, p in ep.router.named_parameters():
+            p.copy_(dict(ref.router.named_parameters())[name])
+        ep.experts.w1.copy_(ref.experts.w1[e0:e0 + el])
+        ep.experts.w2.copy_(ref.experts.w2[e0:e0 + el])
+    xs = torch.randn(world, 12, D, generator=torch.Generator().manual_seed(1))
+    y, l_aux, _ = ep(xs[rank])
+    (y.square().sum() + l_aux).backward()
+    ys, losses = [], 0.0
+    for r in range(world):  # each rank's tokens through the single-process layer
+        yr, lr, _ = ref(xs[r])
+        ys.append(yr)
+        losses = losses + yr.square().sum() + lr
+    losses.backward()
+    torch.testing.assert_close(y, ys[rank], rtol=1e-5, atol=1e-5)
+    for name, p in ep.router.named_parameters():  # replicated: gradients sum over ranks
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, dict(ref.router.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+    return True
+
+
+@pytest.mark.parametrize("router_type", ["xmoe", "stablemoe"])
+def test_router_variants_under_expert_parallelism(router_type):
+    from dist_utils import run_distributed
+    assert run_distributed(_ep_body, world_size=2, args=(router_type,), timeout=120) == [True, True]
