@@ -5,9 +5,10 @@
   same seed in the same process (plain torch.nn.Linear, no Megatron): dense shards are slices
   of the TP=1 tensors, replicated tensors equal.
 - s2moe-train, ZeRO 1, 5 steps, TP=2 on 2 ranks (DP=1) against TP=1 on 1 rank, same batches:
-  losses and gradient norms (clipping acts) match to 1e-4 relative; a TP=2 run resumed from its
-  step-3 checkpoint continues the TP=1 curve; s2moe-eval merges the TP shards into one model
-  whose BPC equals the TP=1 checkpoint's.
+  losses and gradient norms (clipping acts) match to 1e-4 relative, with experts split over TP
+  and with whole experts at EP=2 (ZeRO's norm used to miss TP rank 1's experts: 2e-3 off); a
+  TP=2 run resumed from its step-3 checkpoint continues the TP=1 curve; s2moe-eval merges the
+  TP shards into one model whose BPC equals the TP=1 checkpoint's.
 - Bad topologies through the run config fail with a message naming the field before any
   process group exists.
 """
@@ -102,23 +103,28 @@ def test_model_refuses_a_tp_size_the_dense_layers_were_not_built_for():
 
 
 # ---- s2moe-train ------------------------------------------------------------------------------------
+WHOLE = ["model.tp_size=2", "model.moe.ep_size=2", "model.moe.enable_expert_tensor_parallelism=false"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """TP=2 on 2 ranks and TP=1 on 1 rank, run side by side."""
+    """TP=1 on 1 rank; on 2 ranks TP=2 with experts split over TP, and TP=2 with whole experts and
+    EP=2 (the EP group is the TP group: each TP rank holds other experts). Side by side."""
     root = tmp_path_factory.mktemp("tp")
-    tp2 = Ranks(root / "tp2", world=2, base=BASE + ["model.tp_size=2"], name="tp2")
-    tp1 = Ranks(root / "tp1", world=1, base=BASE, name="tp1")
-    assert tp2.wait() == [0, 0], tp2.output()
-    assert tp1.wait() == [0], tp1.output()
-    return root / "tp1", root / "tp2"
+    started = {name: Ranks(root / name, world=w, base=BASE + extra, name=name)
+               for name, w, extra in (("tp2", 2, ["model.tp_size=2"]), ("tp2_whole_ep2", 2, WHOLE), ("tp1", 1, []))}
+    for name, ranks in started.items():
+        assert ranks.wait() == [0] * len(ranks.procs), ranks.output()
+    return {name: root / name for name in started}
 
 
 def _close(a, b):
     return abs(a - b) <= REL * abs(b)
 
 
-def test_tp2_trains_like_tp1_under_zero1(runs):
-    tp1, tp2 = runs
+@pytest.mark.parametrize("name", ["tp2", "tp2_whole_ep2"])
+def test_tp2_trains_like_tp1_under_zero1(runs, name):
+    tp1, tp2 = runs["tp1"], runs[name]
     ref, got = losses(tp1), losses(tp2)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:
@@ -138,7 +144,7 @@ def test_tp2_trains_like_tp1_under_zero1(runs):
 
 
 def test_tp2_resumes_from_its_checkpoint(runs, tmp_path):
-    tp1, tp2 = runs
+    tp1, tp2 = runs["tp1"], runs["tp2"]
     out = tmp_path / "resumed"
     shutil.copytree(str(tp2), str(out))
     shutil.rmtree(out / "checkpoints" / f"global_step{STEPS}")  # back to the step-3 checkpoint
@@ -161,12 +167,13 @@ def _eval(capsys, monkeypatch, out):
 
 
 def test_s2moe_eval_merges_the_tp_shards(runs, capsys, monkeypatch):
-    tp1, tp2 = runs
-    ref, got = _eval(capsys, monkeypatch, tp1), _eval(capsys, monkeypatch, tp2)
-    assert got["characters_scored"] == ref["characters_scored"] == 8 * 16
-    assert got["bpc"].keys() == ref["bpc"].keys() == {"1", "2"}
-    for k in ref["bpc"]:
-        assert _close(got["bpc"][k], ref["bpc"][k]), (k, got["bpc"], ref["bpc"])
+    ref = _eval(capsys, monkeypatch, runs["tp1"])
+    for name in ("tp2", "tp2_whole_ep2"):
+        got = _eval(capsys, monkeypatch, runs[name])
+        assert got["characters_scored"] == ref["characters_scored"] == 8 * 16
+        assert got["bpc"].keys() == ref["bpc"].keys() == {"1", "2"}
+        for k in ref["bpc"]:
+            assert _close(got["bpc"][k], ref["bpc"][k]), (name, k, got["bpc"], ref["bpc"])
 
 
 # ---- bad topologies -----------------------------------------------------------------------------------

@@ -73,6 +73,12 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
         self.use_residual = False
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
         mark_expert_params(self.experts, self.expert_group_name)
+        if self.tp_plan is not None and not self.tp_plan.shard_experts:
+            # whole experts under TP: ZeRO 1/2 partition them over an EDP group that may hold TP peers,
+            # and their grad norm counts a tensor that is not model-parallel on TP rank 0 only (so the
+            # other TP ranks' partitions were missed); every element sits in one partition: count all
+            for p in self.experts.parameters():
+                p.model_parallel = True
         self.register_state_dict_post_hook(split_expert_state)
         self.register_load_state_dict_pre_hook(stack_expert_state)
 
