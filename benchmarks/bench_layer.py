@@ -122,6 +122,56 @@ def gemm_floor(rows, d, h, E_local, train):
     return step
 
 
+def component_costs(d, E, T, repeats):
+    """S2MoE's work beyond a plain top-k MoE, each piece alone (fwd+bwd, one process, CPU ms median):
+    what the S2MoE top-1 step pays on top of DeepSpeed top-2 at the same expert FLOPs."""
+    import time
+    from s2moe_dist.moe.losses import balance_loss, infonce_loss
+    from s2moe_dist.moe.noise import GaussianNoise
+    from s2moe_dist.moe.router import TopKRouter
+    torch.manual_seed(0)
+    x = torch.randn(T, d, requires_grad=True)
+    x_hat = torch.randn(T, d, requires_grad=True)
+    a, b, go = torch.randn(T, d, requires_grad=True), torch.randn(T, d, requires_grad=True), torch.randn(T, d)
+    gate, router, noise = nn.Linear(d, 1), TopKRouter(d, E), GaussianNoise(1.0, 1.0)
+
+    def noise_step():
+        noise(x).backward(go)
+
+    def infonce_step():
+        infonce_loss(x, x_hat, INFONCE_TAU, INFONCE_TOKENS).backward()
+
+    def gate_step():
+        g = torch.sigmoid(gate(x))
+        torch.lerp(b, a, g).backward(go)
+
+    def router_step():
+        r = router(x_hat, 1, False)
+        (balance_loss(r.probs, r.expert_idx, E) + r.weights.sum()).backward()
+
+    def streams_step():  # the two streams concatenated for one dispatch, split after
+        u, v = torch.cat([x, x_hat]).split([T, T])
+        torch.autograd.backward([u, v], [go, go])
+
+    rows = []
+    for name, fn in [("noise module (2 Gaussian draws per element, x_hat = n1 x + n2)", noise_step),
+                     (f"InfoNCE on {min(T, INFONCE_TOKENS)} sampled tokens", infonce_step),
+                     ("gate: sigmoid(x W_g + b_g), mix of the two streams", gate_step),
+                     ("second router (noisy stream) + its balance loss", router_step),
+                     ("concatenate / split the two streams", streams_step)]:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            ts.append(time.process_time() - t0)
+            x.grad = x_hat.grad = a.grad = b.grad = None
+            for m in (gate, router):
+                m.zero_grad(set_to_none=True)
+        rows.append([name, common.median(ts) * 1e3])
+    return rows
+
+
 # ---- one rank ------------------------------------------------------------------------------------
 def _bench(rank, world, opts):
     counter = common.CollectiveCounter().install()
@@ -174,6 +224,8 @@ def _bench(rank, world, opts):
         if opts["profile"]:
             out[mode]["profile"] = {n: common.profile_table(steps[n], rows=opts["profile_rows"])
                                     for n in opts["profile"] if n in steps}
+    if opts["components"] and rank == 0:
+        out["components"] = component_costs(d, E, T, max(5, opts["repeats"]))
     out["load_after"] = common.load_average()
     return out
 
@@ -242,7 +294,11 @@ def report(results, opts):
                 f"- peak MiB: torch allocations during one step (gradients included) above those live before it (profiler "
                 f"allocation events, rank 0); a2a: all_to_all(_single) calls and input bytes per step, "
                 f"max over ranks; slots/rank: (token, expert) rows each rank's experts get when balanced")
-    return settings + "\n\n" + common.markdown_table(header, rows) + "\n\n" + "\n".join(checks)
+    body = settings + "\n\n" + common.markdown_table(header, rows) + "\n\n" + "\n".join(checks)
+    if "components" in r0:
+        body += ("\n\nS2MoE's work beyond a plain top-k MoE, each piece alone (forward + backward, rank 0, "
+                 "CPU ms, median):\n\n" + common.markdown_table(["piece", "CPU ms"], r0["components"]))
+    return body
 
 
 def _check(what, fig, ref, target, best, above=False):
@@ -263,6 +319,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--ablation", action="store_true",
                    help="also time S2MoE top-1 with the noise off (a=b=0), to split its cost")
+    p.add_argument("--components", action="store_true",
+                   help="also time S2MoE's extra pieces (noise, InfoNCE, gate, second router) alone")
     p.add_argument("--naive-top2", action="store_true", help="also time the naive two-call S2MoE at top-2")
     p.add_argument("--profile", nargs="*", default=[], metavar="CONTESTANT",
                    help="print a torch.profiler breakdown of these contestants' steps (rank 0)")
@@ -273,7 +331,7 @@ def main(argv=None):
     if args.tokens is not None:
         opts["tokens"] = args.tokens
     opts.update(world=args.world, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                naive_top2=args.naive_top2, ablation=args.ablation, profile=args.profile, profile_rows=args.profile_rows)
+                naive_top2=args.naive_top2, ablation=args.ablation, components=args.components, profile=args.profile, profile_rows=args.profile_rows)
     if opts["E"] % args.world:
         raise ValueError(f"--world {args.world} must divide the number of experts ({opts['E']})")
     results = common.spawn(_bench, args.world, (opts,), threads=args.threads)
