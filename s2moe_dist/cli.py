@@ -68,6 +68,13 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         except CheckpointError as e:
             _fail("s2moe-train", e)
             return EXIT_CHECKPOINT
+        except RuntimeError as e:  # a collective failed: say what it means, keep the traceback
+            text = str(e)
+            if any(w in text for w in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed")):
+                print("s2moe-train: error: a collective failed: another rank died or hung (collective timeout: "
+                      "train.collective_timeout_s); the job stops here, --resume auto continues from the last "
+                      "complete checkpoint", file=sys.stderr, flush=True)
+            raise
     finally:
         flags.uninstall()
 

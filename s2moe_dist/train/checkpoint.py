@@ -241,7 +241,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     previous = find_resume_tag(ckpt_dir, check=None)
     kept = (f"the previous checkpoint {os.path.join(ckpt_dir, previous)} is untouched (--resume auto "
             "continues from it)" if previous else "there is no earlier checkpoint")
-    fix = "free space or fix the folder (--output), then resume with --resume auto"
+    fix = "fix the cause (a full disk: free space; a lost rank: see its log), then resume with --resume auto"
     # every rank must be able to write there; agreeing first makes a bad folder one clear error on all
     problem = None
     if rank == 0:
@@ -257,7 +257,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     bad = [(r, p) for r, p in enumerate(problems) if p]
     if bad:
         raise CheckpointError(f"checkpoint {tag_dir} cannot be written (rank {bad[0][0]}: {bad[0][1]}; "
-                              f"{free_space(ckpt_dir)}); {kept}; {fix}")
+                              f"{free_space(ckpt_dir)}); {kept}; make the folder writable (--output) or free "
+                              "space, then resume with --resume auto")
     try:
         with faults.CheckpointWriteFaults(engine, step, rank):
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)

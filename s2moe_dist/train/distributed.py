@@ -192,6 +192,26 @@ def init_distributed(launch: Launch, backend: Optional[str] = None, timeout_s: O
         kwargs["timeout"] = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launch.launcher == "mpi",
                                distributed_port=port, verbose=False, **kwargs)
+    unlink_deepspeed_shm_buffer()
+
+
+def unlink_deepspeed_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce (shm comm op) leaves a 64 MiB /dev/shm file per rank behind
+    every run, killed or not. Every rank maps every rank's file inside init_distributed, so after
+    one barrier each rank can unlink its own: the memory lives until the processes exit."""
+    import glob
+
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (dist.is_initialized() and addr and port):
+        return
+    dist.barrier()  # on every rank (a node may have no such file): every rank has mapped every buffer
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def device_for(launch: Launch):

@@ -74,7 +74,7 @@ def find(kind: str, step: Optional[int], rank: int) -> Optional[Fault]:
 
 
 def _say(msg: str) -> None:
-    print(f"[s2moe-train] FAULT INJECTED: {msg}", flush=True)
+    print(f"[s2moe-train] FAULT INJECTED (t={time.time():.3f}): {msg}", flush=True)
 
 
 # ---- start-up --------------------------------------------------------------------------------
