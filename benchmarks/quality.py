@@ -206,6 +206,10 @@ def report(args, steps: int, results: dict, meta: dict) -> str:
     if "smoe" in cells and "s2moe" in cells:
         diffs = ", ".join(f"k={k}: {cells['s2moe'][str(k)] - cells['smoe'][str(k)]:+.4f}" for k in ks)
         notes.append(f"- S2MoE minus SMoE test BPC (negative: S2MoE better): {diffs}")
+        if "1" in cells["s2moe"] and "2" in cells["smoe"]:
+            d = cells["s2moe"]["1"] - cells["smoe"]["2"]
+            notes.append(f"- the paper's claim, S2MoE with 1 expert against SMoE with 2: {d:+.4f} BPC "
+                         f"({'S2MoE k=1 better' if d < 0 else 'SMoE k=2 better'})")
     body = "\n".join([
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}; command: `{meta['command']}`",
@@ -222,17 +226,22 @@ def report(args, steps: int, results: dict, meta: dict) -> str:
         f"- plot: `{os.path.relpath(os.path.abspath(args.png), ROOT)}`; JSON: "
         f"`{os.path.relpath(os.path.join(os.path.abspath(args.results), 'quality.json'), ROOT)}`",
         "", table, "", *notes,
-        "- A miniature: a ~1M-parameter model trained for minutes, not the paper's 100k steps at d 256; "
-        "differences of a few hundredths of a bit are within what another seed could change "
-        "(one seed each here).",
+        "- A miniature: a ~1M-parameter model trained for minutes, not the paper's 100k steps at d 256, "
+        "and one seed per model: the seed-to-seed spread was not measured, so differences of a few "
+        "hundredths of a bit are not established by this run alone. Train tokens/s and wall time were "
+        "taken under different loads from other jobs (see bench_model.py for speed).",
     ])
     return body
 
 
 def write_outputs(args, run_cfg, steps: int, results: dict, load_before: str) -> str:
     m = run_cfg.model
-    meta = {"machine": common.machine(), "date": common.now(), "command": common.command_line(),
-            "load_before": load_before, "load_after": common.load_average(), "batch_size": run_cfg.train.batch_size,
+    run_meta = {"machine": common.machine(), "date": common.now(), "command": common.command_line(),
+                "load_before": load_before, "load_after": common.load_average()}
+    if args.report_only:  # keep the figures' own date, command and load from the run that made them
+        previous = (_read_json(os.path.join(args.results, "quality.json")) or {}).get("meta", {})
+        run_meta.update({k: previous[k] for k in run_meta if k in previous})
+    meta = {**run_meta, "batch_size": run_cfg.train.batch_size,
             "seq_len": m.seq_len, "seed": run_cfg.train.seed,
             "train_characters": steps * run_cfg.train.batch_size * m.seq_len,
             "test_characters": next(iter(results.values()))["test_characters"],
