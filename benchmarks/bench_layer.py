@@ -79,7 +79,8 @@ class NaiveS2MoE(nn.Module):
 def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe", noise=1.0):
     from s2moe_dist import S2MoE
     return S2MoE(d, num_experts=E, k=k, ffn_hidden_size=h, ep_size=world, activation="gelu",
-                 eval_k=eval_k, moe_type=moe_type, noise_mult_std=noise, noise_add_std=noise, infonce_temperature=INFONCE_TAU, infonce_max_tokens=INFONCE_TOKENS,
+                 eval_k=eval_k, moe_type=moe_type, noise_mult_std=noise, noise_add_std=noise,
+                 infonce_temperature=INFONCE_TAU, infonce_max_tokens=INFONCE_TOKENS,
                  balance_coef=BALANCE_COEF, uncertainty_coef=UNCERTAINTY_COEF)
 
 
@@ -275,7 +276,8 @@ def report(results, opts):
         else:
             checks.append(_check("S2MoE eval_k=1 inference <= 0.72 x DeepSpeed top-2 (s2moe_eval_k1 / ds_top2)",
                                  fig["s2moe_eval_k1"], base, 0.72, low["s2moe_eval_k1"]))
-    header = ["mode", "contestant", "slots/rank", "wall ms", "IQR/med", "CPU ms/rank", "best CPU ms", "vs ds_top2 wall / CPU",
+    header = ["mode", "contestant", "slots/rank", "wall ms", "IQR/med", "CPU ms/rank", "best CPU ms",
+              "vs ds_top2 wall / CPU",
               "pair wall / CPU", "x floor wall / CPU", "peak MiB", "a2a calls", "a2a MiB/rank", "other collectives"]
     settings = (f"- machine: {common.machine()}\n"
                 f"- date: {common.now()}; code: {common.git_revision()}; command: `{common.command_line()}`\n"
@@ -291,7 +293,8 @@ def report(results, opts):
                 f"- wall ms: slowest rank; CPU ms/rank: process CPU time (user+sys), mean over ranks -- the steadier "
                 f"figure when other jobs share the cores; ratios are given as wall / CPU (medians); best CPU ms: "
                 f"the fastest repeat, the least disturbed one\n"
-                f"- peak MiB: torch allocations during one step (gradients included) above those live before it (profiler "
+                f"- peak MiB: torch allocations during one step (gradients included) above those live "
+                f"before it (profiler "
                 f"allocation events, rank 0); a2a: all_to_all(_single) calls and input bytes per step, "
                 f"max over ranks; slots/rank: (token, expert) rows each rank's experts get when balanced")
     body = settings + "\n\n" + common.markdown_table(header, rows) + "\n\n" + "\n".join(checks)
@@ -331,7 +334,8 @@ def main(argv=None):
     if args.tokens is not None:
         opts["tokens"] = args.tokens
     opts.update(world=args.world, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                naive_top2=args.naive_top2, ablation=args.ablation, components=args.components, profile=args.profile, profile_rows=args.profile_rows)
+                naive_top2=args.naive_top2, ablation=args.ablation, components=args.components,
+                profile=args.profile, profile_rows=args.profile_rows)
     if opts["E"] % args.world:
         raise ValueError(f"--world {args.world} must divide the number of experts ({opts['E']})")
     results = common.spawn(_bench, args.world, (opts,), threads=args.threads)

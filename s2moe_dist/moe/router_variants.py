@@ -23,8 +23,9 @@ normalises both and learns tau) and never write parameters during a forward. tau
 Experts" (arXiv 2204.08396; authors' code Hunter-DDM/stablemoe ``fairseq/modules/moe_layer.py``).
 Implemented: training stage 1 -- affinities ``s = x E^T`` with expert centroids
 ``router.expert_centroids`` [E, d] (orthogonal init, gain 0.1, as the authors' code), top-k by
-affinity (a dot product as in the paper; the S2MoE authors' baseline takes a cosine), combine weight ``sigmoid(s)`` of the chosen expert at k = 1 (the paper's gate; its
-layers are top-1), and at k >= 2 the softmax of the chosen affinities (as the S2MoE authors'
+affinity (a dot product as in the paper; the S2MoE authors' baseline takes a cosine), combine
+weight ``sigmoid(s)`` of the chosen expert at k = 1 (the paper's gate; its layers are top-1), and
+at k >= 2 the softmax of the chosen affinities (as the S2MoE authors'
 StableMoE baseline at top-2), and the paper's balance loss
 
     L_bal = 1/T * sum_e (n_e - n_avg) / n_avg * sum_{t routed to e} sigmoid(s_{t,e})
