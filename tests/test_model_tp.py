@@ -209,3 +209,11 @@ def test_bad_topologies_fail_before_any_process_group(monkeypatch, tmp_path, wor
         setup(TrainArgs(config=TINY, overrides=overrides, output=str(tmp_path)))
     assert str(e.value).startswith(message), str(e.value)
     assert not dist.is_initialized()
+
+
+def test_offline_ep_reshard_refuses_a_tp_checkpoint(runs, tmp_path):
+    from s2moe_dist.integrations.reshard import reshard_checkpoint
+    src = os.path.join(str(runs["tp2"]), "checkpoints")
+    with pytest.raises(ValueError, match=r"is tensor-parallel \(one model file per TP rank\); changing the EP size"):
+        reshard_checkpoint(src, str(tmp_path / "out"), 2)
+    assert not (tmp_path / "out").exists()

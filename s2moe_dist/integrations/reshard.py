@@ -388,6 +388,12 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_optim
     if same or not load_optimizer_states or load_module_only:
         return ds_load(load_dir, tag, load_optimizer_states=load_optimizer_states and layout["kind"] != "portable",
                        **kwargs)
+    tp = engine.mpu.get_model_parallel_world_size() if getattr(engine, "mpu", None) is not None else 1
+    if tp > 1:  # the state is rebuilt from TP rank 0's files only: refuse rather than mix shards
+        raise ValueError(f"load_checkpoint: {ckpt_dir} was saved with another expert- or data-parallel layout "
+                         f"(saved ep_size={layout['ep_size']}, dp={layout['dp_world_size']}), and this model is "
+                         f"tensor-parallel (TP={tp}): the optimizer state can be re-sharded at TP=1 only; resume "
+                         "with the ep_size and the number of ranks it was saved with")
     out = ds_load(load_dir, tag, load_optimizer_states=False, **kwargs)
     if hasattr(engine.optimizer, "refresh_fp32_params"):  # masters from the loaded weights (ZeRO-0 bf16 skips it)
         engine.optimizer.refresh_fp32_params()
@@ -468,6 +474,9 @@ def reshard_checkpoint(src_dir: str, dst_dir: str, new_ep_size: int, tag: Option
     src, dst = os.path.join(src_dir, tag), os.path.join(dst_dir, tag)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("reshard_checkpoint: dst_dir must differ from src_dir")
+    if os.path.isfile(os.path.join(src, "mp_rank_01_model_states.pt")):
+        raise ValueError(f"reshard: {src} is tensor-parallel (one model file per TP rank); changing the EP size "
+                         "of a TP checkpoint is not supported: resume it with the ep_size it was saved with")
     layout = saved_layout(src)
     for n in layout["num_experts"] or []:
         if n % new_ep_size:
