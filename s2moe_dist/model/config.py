@@ -84,7 +84,7 @@ class ModelConfig:
         check_int(o, "tp_size", tp, 1)
         if tp == 1:
             return
-        fix = "choose model.tp_size among its divisors, or change the field"
+        fix = "choose a model.tp_size that divides it, or change the field"
         if self.d_model % tp:
             raise config_error(o, "d_model", self.d_model, f"must be divisible by model.tp_size ({tp}) for the "
                                f"tensor-parallel layers; {fix}")
