@@ -144,6 +144,8 @@ def test_short_soak_sigterm_resume_and_flat_memory(reference):
     for key, fit in res["fits"].items():
         assert fit["samples"] >= 4, res["fits"]
         assert fit["max_mib"] - fit["min_mib"] < 24, (key, fit)
+    print(f"[figures] soak-50: SIGTERM checkpoint {stop}; RSS spread per process/rank (MiB): "
+          + ", ".join(f"{k} {f['max_mib'] - f['min_mib']:.1f}" for k, f in sorted(res["fits"].items())))
 
 
 # ---- checkpoints: killed mid-save, corrupted, disk full -----------------------------------------------
@@ -158,6 +160,7 @@ def test_kill_mid_save_corrupt_checkpoint_and_disk_full_lose_nothing(reference, 
     ended = time.time()
     assert codes[1] == -signal.SIGKILL and codes[0] == 4, ranks.output()  # 4: checkpoint not written
     assert ended - fault_time(ranks.output(1)) < 60  # the survivor did not hang
+    print(f"[figures] SIGKILL in save -> both ranks gone after {ended - fault_time(ranks.output(1)):.1f} s")
     assert "rank 0: writing checkpoint" in ranks.output(0) and "global_step20 is untouched" in ranks.output(0)
     partial = os.path.join(ckpts, "global_step30")
     assert os.listdir(partial) and not os.path.exists(os.path.join(partial, ckpt.COMPLETE))
@@ -288,6 +291,7 @@ def test_dead_rank_hung_rank_and_startup_signal_end_in_bounded_time(reference, t
         hung.kill()
         waited = gone - fault_time(hung.output(1))
         assert 30 <= waited < 75, waited
+        print(f"[figures] hung rank: rank 0 exited {waited:.1f} s after the hang (timeout 30 s)")
         assert hung.procs[0].returncode == 1
         text = hung.output(0)
         assert "Timed out waiting 30000ms" in text and "all_to_all" in text
@@ -299,6 +303,7 @@ def test_dead_rank_hung_rank_and_startup_signal_end_in_bounded_time(reference, t
         assert killed.proc.returncode != 0
         assert "exitcode  : -9" in text and "SIGKILLs itself in step 40" in text
         assert killed.ended - fault_time(text) < 60, killed.ended - fault_time(text)
+        print(f"[figures] torchrun: exited {killed.ended - fault_time(text):.1f} s after the SIGKILL of rank 1")
     finally:
         for r in (killed, hung, early):
             r.kill()
@@ -323,4 +328,7 @@ def test_dead_rank_hung_rank_and_startup_signal_end_in_bounded_time(reference, t
     early_mean, late_mean = sum(bal0[:5]) / 5, sum(bal0[-10:]) / 10
     assert late_mean > 3.9 and late_mean <= 4.0 + 1e-6  # E * f0 * P0 with f0 = 1/k, P0 -> 1: E/k = 4
     assert early_mean < 0.75 * late_mean  # rises as the bias grows
+    print(f"[figures] balance loss block 0: first 5 steps {early_mean:.3f}, last 10 {late_mean:.4f}; reference "
+          f"{min(ref0):.3f}-{max(ref0):.3f}; block 1 (expert 7 unused) last 10 "
+          f"{sum(moe[s]['moe/layer1/balance_loss'] for s in range(41, 51)) / 10:.3f}")
     assert late_mean > 3 * max(ref0) and all(0.99 < b < 1.6 for b in ref0)  # the balanced reference: ~1

@@ -107,6 +107,17 @@ def _timeout_body(rank, world, flag_dir):
     def timeout_of(group):
         return group._get_backend(torch.device("cpu")).options._timeout
 
+    # a checkpoint folder only rank 1 cannot write: every rank raises the same clear error, before
+    # DeepSpeed writes anything (the engine is never reached)
+    from s2moe_dist.train.checkpoint import CheckpointError, save
+    folder = os.path.join(flag_dir, "ok" if rank == 0 else "afile/checkpoints")
+    if rank == 1:
+        open(os.path.join(flag_dir, "afile"), "w").close()
+    try:
+        save(None, folder, 7, {}, 2, rank)
+        save_error = None
+    except CheckpointError as e:
+        save_error = str(e)
     before = dist.new_group([0, 1])  # made with torch's own new_group default (30 min for gloo)
     default = timeout_of(before)
     set_collective_timeout(3)
@@ -116,7 +127,7 @@ def _timeout_body(rank, world, flag_dir):
     if rank == 1:  # alive but silent, as a hung rank: never joins the all-to-all below
         while not os.path.exists(done):
             time.sleep(0.05)
-        return {"seen": seen, "default": default}
+        return {"seen": seen, "default": default, "save_error": save_error}
     t0 = time.monotonic()
     try:
         dist.all_to_all_single(torch.zeros(2), torch.ones(2), group=after)
@@ -125,13 +136,20 @@ def _timeout_body(rank, world, flag_dir):
         error = str(e)
     waited = time.monotonic() - t0
     open(done, "w").close()
-    return {"seen": seen, "default": default, "error": error, "waited": waited,
+    return {"seen": seen, "default": default, "error": error, "waited": waited, "save_error": save_error,
             "expected": datetime.timedelta(seconds=3)}
 
 
-def test_collective_timeout_reaches_every_group(tmp_path):
+def test_unwritable_checkpoint_folder_on_one_rank_and_collective_timeout(tmp_path):
     import datetime
     r0, r1 = run_distributed(_timeout_body, world_size=2, args=(str(tmp_path),), timeout=120)
+    for r, folder in ((r0, "ok"), (r1, "afile/checkpoints")):
+        err = r["save_error"]
+        assert err is not None and err.startswith(
+            f"checkpoint {tmp_path}/{folder}/global_step7 cannot be written (rank 1: Not a directory (ENOTDIR): "
+            f"{tmp_path}/afile/checkpoints; "), err
+        assert err.endswith("there is no earlier checkpoint; make the folder writable (--output) or free space, "
+                            "then resume with --resume auto"), err
     assert r0["default"] == datetime.timedelta(minutes=30)  # what DeepSpeed's groups got before the fix
     assert r0["seen"] == r1["seen"] == [datetime.timedelta(seconds=3)] * 3
     assert r0["error"] is not None and "Timed out waiting 3000ms" in r0["error"]

@@ -4,6 +4,7 @@ weights and one file per global expert, so a model built with ``ep_size=1`` take
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Tuple
 
 import torch
@@ -19,7 +20,9 @@ def find_checkpoint(path: str) -> Tuple[str, str]:
     path = os.path.abspath(path)
     for folder in (os.path.join(path, "checkpoints"), path):
         if os.path.isfile(os.path.join(folder, ckpt.LATEST)) or ckpt.complete_tags(folder):
-            tag = ckpt.find_resume_tag(folder)
+            # checksums of the manifest checked: a damaged newest checkpoint falls back, with a warning
+            tag = ckpt.find_resume_tag(folder, check="sha256",
+                                       warn=lambda m: print(f"[s2moe-eval] {m}", file=sys.stderr, flush=True))
             if tag:
                 return folder, tag
     if os.path.isfile(os.path.join(path, MODEL_STATES)):
