@@ -272,8 +272,9 @@ class Trainer:
                     print(f"[s2moe-train] renamed it to {ckpt.mark_damaged(folder, tag)}", flush=True)
             dist.barrier()
         if cands[0]:
-            raise ValueError(f"--resume {self.s.args.resume}: every complete checkpoint in {cands[0][0][0]} is "
-                             "damaged (see the warnings above); start again with a new --output")
+            tried = ", ".join(os.path.join(f, t) for f, t in cands[0])
+            raise ValueError(f"--resume {self.s.args.resume}: no undamaged checkpoint (tried {tried}; see the "
+                             "warnings above); resume from another checkpoint or start again with a new --output")
         return None
 
     def _resume(self) -> None:
