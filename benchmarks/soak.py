@@ -231,6 +231,13 @@ def report(res: Dict, args) -> str:
                      f"{f['first_step']}-{f['last_step']}", f["samples"], round(f["first_mib"], 1),
                      f"{f['min_mib']:.1f} / {f['max_mib']:.1f}", round(f["mib_per_1000_steps"], 2),
                      round(f["mib_per_1000_steps"] * span / 1000, 2)])
+    growth = [abs(f["mib_per_1000_steps"]) * (f["last_step"] - f["first_step"]) / 1000 for f in res["fits"].values()]
+    spread = [f["max_mib"] - f["min_mib"] for f in res["fits"].values()]
+    level = min(f["min_mib"] for f in res["fits"].values())
+    flat = all(g <= max(s, 0.02 * level) for g, s in zip(growth, spread))
+    verdict = (f"- verdict: {'flat' if flat else 'GROWING'}: the largest fitted change over a process's sampled steps "
+               f"is {max(growth):.1f} MiB ({100 * max(growth) / level:.1f} % of {level:.0f} MiB), "
+               f"{'within' if flat else 'beyond'} the spread of the samples themselves (up to {max(spread):.1f} MiB)")
     table = markdown_table(["process", "rank", "steps sampled", "samples", "first MiB", "min / max MiB "
                             f"(after {args.warmup_samples} warm-up samples)", "fitted MiB / 1000 steps",
                             "fitted growth over the steps, MiB"], rows)
@@ -245,7 +252,7 @@ def report(res: Dict, args) -> str:
         f"- result: exit codes {res['codes']}; SIGTERM checkpoint at step {res.get('sigterm_checkpoint')}, resumed "
         f"at step {res.get('resumed_at')}, last step {res['final_step']}; wall {res['wall_s']:.0f} s",
         f"- RSS (VmRSS from /proc) every {args.rss_every} steps, a least-squares line per rank and process",
-        "", table])
+        verdict, "", table])
 
 
 def main(argv=None) -> int:
