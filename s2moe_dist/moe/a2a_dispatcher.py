@@ -30,6 +30,25 @@ def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows -> rows[perm] for a permutation: the backward is a gather by the inverse permutation,
+    not index_select's zero-fill + scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse, perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, perm = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _PermuteRows.apply(x, perm, inverse)
+
+
 class AllToAllDispatcher:
     def __init__(self, num_experts: int, ep_size: int, group=None):
         if num_experts % ep_size:
@@ -61,11 +80,11 @@ class AllToAllDispatcher:
         recv = all_to_all(send, output_splits, input_splits, group)              # a2a #2 (there)
 
         perm = source_to_expert_order(recv_counts)
-        local_out = experts(recv.index_select(0, perm), recv_counts.sum(0))
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        local_out = experts(permute_rows(recv, perm, inverse), recv_counts.sum(0))
         if recv.shape[0] == 0:
             # nothing arrived: keep `recv` in the graph so this rank's backward joins the exchange
             local_out = local_out + recv.sum() * 0
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        back = all_to_all(local_out.index_select(0, inverse), input_splits, output_splits, group)  # a2a #3
+        back = all_to_all(permute_rows(local_out, inverse, perm), input_splits, output_splits, group)  # a2a #3
         return combine(back, slots, tokens.shape[0]), slots.counts
