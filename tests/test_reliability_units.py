@@ -1,7 +1,8 @@
 """Reliability pieces without a training run: the checkpoint manifest (truncated / corrupted /
 missing files detected, fallback to the previous complete tag), the write probe failing for real
-as root, the fault-spec parser, and the collective timeout reaching groups created after (and
-before) it on 2 real gloo ranks."""
+as root, the fault-spec parser; on 2 real gloo ranks: a signal arriving during the flags'
+all-reduce, an unwritable checkpoint folder on one rank, and the collective timeout reaching groups
+created after (and before) it."""
 import json
 import os
 import time
@@ -107,6 +108,22 @@ def _timeout_body(rank, world, flag_dir):
     def timeout_of(group):
         return group._get_backend(torch.device("cpu")).options._timeout
 
+    # a SIGUSR1 that lands while rank 0 waits in the flags' all-reduce is acted on at the next step
+    # (it used to be cleared after the all-reduce returned, i.e. lost)
+    import signal
+    import threading
+
+    from s2moe_dist.train.signals import SignalFlags
+    flags = SignalFlags().install()
+    try:
+        if rank == 0:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        else:
+            time.sleep(2.0)  # rank 0 sits in the all-reduce meanwhile
+        usr1 = [flags.agreed(), flags.agreed(), flags.agreed()]
+    finally:
+        flags.uninstall()
+
     # a checkpoint folder only rank 1 cannot write: every rank raises the same clear error, before
     # DeepSpeed writes anything (the engine is never reached)
     from s2moe_dist.train.checkpoint import CheckpointError, save
@@ -127,7 +144,7 @@ def _timeout_body(rank, world, flag_dir):
     if rank == 1:  # alive but silent, as a hung rank: never joins the all-to-all below
         while not os.path.exists(done):
             time.sleep(0.05)
-        return {"seen": seen, "default": default, "save_error": save_error}
+        return {"seen": seen, "default": default, "save_error": save_error, "usr1": usr1}
     t0 = time.monotonic()
     try:
         dist.all_to_all_single(torch.zeros(2), torch.ones(2), group=after)
@@ -137,12 +154,15 @@ def _timeout_body(rank, world, flag_dir):
     waited = time.monotonic() - t0
     open(done, "w").close()
     return {"seen": seen, "default": default, "error": error, "waited": waited, "save_error": save_error,
+            "usr1": usr1,
             "expected": datetime.timedelta(seconds=3)}
 
 
-def test_unwritable_checkpoint_folder_on_one_rank_and_collective_timeout(tmp_path):
+def test_signal_during_all_reduce_unwritable_folder_on_one_rank_and_collective_timeout(tmp_path):
     import datetime
     r0, r1 = run_distributed(_timeout_body, world_size=2, args=(str(tmp_path),), timeout=120)
+    # the SIGUSR1 reached rank 0 inside the first agreement: acted on (by both ranks) at the second
+    assert r0["usr1"] == r1["usr1"] == [(False, False), (True, False), (False, False)]
     for r, folder in ((r0, "ok"), (r1, "afile/checkpoints")):
         err = r["save_error"]
         assert err is not None and err.startswith(
