@@ -449,7 +449,8 @@ class Trainer:
                 self.evaluate()
             want_ckpt, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
             periodic = t.ckpt_every and self.step % t.ckpt_every == 0
-            if (periodic or want_ckpt or ckpt_pending or self.step == t.steps) and self.last_saved != self.step:
+            if ((periodic or want_ckpt or want_exit or ckpt_pending or self.step == t.steps)
+                    and self.last_saved != self.step):
                 ckpt_pending = self.guard.streak > 0  # never save over the last good checkpoint
                 if ckpt_pending:
                     self._say(f"step {self.step}: checkpoint postponed (the step was skipped as non-finite)")
