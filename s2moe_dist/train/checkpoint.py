@@ -256,9 +256,11 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     dist.all_gather_object(problems, problem)
     bad = [(r, p) for r, p in enumerate(problems) if p]
     if bad:
-        raise CheckpointError(f"checkpoint {tag_dir} cannot be written (rank {bad[0][0]}: {bad[0][1]}; "
+        err = CheckpointError(f"checkpoint {tag_dir} cannot be written (rank {bad[0][0]}: {bad[0][1]}; "
                               f"{free_space(ckpt_dir)}); {kept}; make the folder writable (--output) or free "
                               "space, then resume with --resume auto")
+        err.agreed = True  # every rank raises it here
+        raise err
     try:
         with faults.CheckpointWriteFaults(engine, step, rank):
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)

@@ -22,7 +22,9 @@ import torch
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with NaN/Inf loss or gradients; nothing was saved after them."""
+    """Too many consecutive steps with NaN/Inf loss or gradients; nothing was saved after them.
+    Raised by every rank at the same step (``agreed``)."""
+    agreed = True
 
 
 def base_optimizer(engine):

@@ -490,6 +490,8 @@ class Trainer:
 def train(args: TrainArgs, flags: Optional[SignalFlags] = None) -> int:
     """``flags``: signal handlers installed by the caller (the CLI, at entry); else installed at
     start and removed at the end."""
+    import torch.distributed as dist
+
     s = setup(args)
     trainer = Trainer(s, flags)
     try:
@@ -497,10 +499,17 @@ def train(args: TrainArgs, flags: Optional[SignalFlags] = None) -> int:
         code = 0 if trainer.exit_at_start else trainer.loop()
         if trainer.exit_at_start and hasattr(trainer, "logger"):
             trainer.logger.close()
+    except Exception as e:
+        if getattr(e, "agreed", False):  # every rank raised it at the same point: leave in order
+            if hasattr(trainer, "logger"):
+                trainer.logger.close()
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()  # (exiting with live gloo threads could abort the process)
+        raise
     finally:
         if flags is None and trainer.flags is not None:
             trainer.flags.uninstall()
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
