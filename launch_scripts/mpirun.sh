@@ -13,7 +13,7 @@ command -v mpirun >/dev/null || { echo "mpirun.sh: no mpirun on PATH (bash launc
 args=(-np "${NP:-2}" --bind-to none)
 if [ -n "${HOSTFILE:-}" ]; then
   args+=(--hostfile "$HOSTFILE")
-  PORT="${MASTER_PORT:-29500}"
+  PORT="$(multi_node_port)"
 else
   args+=(--oversubscribe)
   PORT="${MASTER_PORT:-$(free_port)}"

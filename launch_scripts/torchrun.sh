@@ -12,7 +12,7 @@ NNODES="${NNODES:-1}"
 if [ "$NNODES" = "1" ]; then
   PORT="${MASTER_PORT:-$(free_port)}"
 else
-  PORT="${MASTER_PORT:-29500}"
+  PORT="$(multi_node_port)"
 fi
 exec torchrun --nnodes "$NNODES" --nproc_per_node "${NPROC_PER_NODE:-2}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$PORT" \
