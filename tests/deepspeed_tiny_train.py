@@ -82,6 +82,8 @@ def main(argv=None):
             cfg = json.load(f)
     validate_deepspeed_config(cfg)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    from s2moe_dist.train.distributed import unlink_deepspeed_shm_buffer
+    unlink_deepspeed_shm_buffer()  # DeepSpeed's CPU shm buffer would outlive the run (64 MiB/rank)
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)
     model = TinyMoEModel(S2MoE, ep_size=args.ep_size)
