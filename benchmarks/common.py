@@ -9,7 +9,6 @@ barrier and counts as the slowest rank's time.
 from __future__ import annotations
 
 import datetime
-import glob
 import os
 import platform
 import re
@@ -25,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from s2moe_dist.train.distributed import remove_deepspeed_shm
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -54,16 +55,6 @@ def _worker(rank, fn, world, port, outdir, args, threads):
         dist.destroy_process_group()
 
 
-def remove_deepspeed_shm(port: int, addr: str = "127.0.0.1") -> None:
-    """Unlink the /dev/shm all-reduce buffers (64 MiB per rank) that ``deepspeed.init_distributed``
-    makes on CPU for a run on ``addr:port`` and never removes (DeepSpeed 0.19.8's shm comm op)."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def spawn(fn, world: int, args: tuple = (), threads: int = 1, timeout: float = 3600.0) -> List:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned, free port); per-rank results."""
     port = free_port()
@@ -80,7 +71,7 @@ def spawn(fn, world: int, args: tuple = (), threads: int = 1, timeout: float = 3
                             p.kill()
                     raise RuntimeError(errors[0]["error"] if errors else f"timed out after {timeout:.0f}s")
         finally:
-            remove_deepspeed_shm(port)
+            remove_deepspeed_shm("127.0.0.1", port)
         results = _results(outdir, world)
     for rank, r in enumerate(results):
         if r is None or "error" in r:

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import glob
 import os
 import socket
 import tempfile
@@ -18,22 +17,13 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from s2moe_dist.train.distributed import remove_deepspeed_shm
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def remove_deepspeed_shm(port: int, addr: str = "127.0.0.1") -> None:
-    """Unlink the /dev/shm all-reduce buffers (64 MiB per rank) that ``deepspeed.init_distributed``
-    makes on CPU for a run on ``addr:port`` and never removes (DeepSpeed 0.19.8's shm comm op):
-    left there, every DeepSpeed test run leaks them until the machine runs out of memory."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict:
@@ -101,7 +91,7 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
                         raise RuntimeError(failed)
                     raise TimeoutError(f"distributed test did not finish in {timeout:.0f}s (hang?)")
         finally:
-            remove_deepspeed_shm(port)
+            remove_deepspeed_shm("127.0.0.1", port)
         results = []
         for rank in range(world_size):
             path = os.path.join(outdir, f"rank{rank}.pt")

@@ -195,23 +195,30 @@ def init_distributed(launch: Launch, backend: Optional[str] = None, timeout_s: O
     unlink_deepspeed_shm_buffer()
 
 
-def unlink_deepspeed_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce (shm comm op) leaves a 64 MiB /dev/shm file per rank behind
-    every run, killed or not. Every rank maps every rank's file inside init_distributed, so after
-    one barrier each rank can unlink its own: the memory lives until the processes exit."""
+def remove_deepspeed_shm(addr: str, port, rank="*") -> None:
+    """Unlink DeepSpeed's CPU all-reduce (shm comm op) buffers of the run on ``addr:port``:
+    64 MiB /dev/shm files, one per rank (``rank="*"``: all of them), that DeepSpeed 0.19.8 never
+    removes. Shared by the trainer, the test harness and the benchmarks."""
     import glob
 
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def unlink_deepspeed_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank behind every run, killed or not.
+    Every rank maps every rank's file inside init_distributed, so after one barrier each rank can
+    unlink its own: the memory lives until the processes exit."""
     import torch.distributed as dist
 
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not (dist.is_initialized() and addr and port):
         return
     dist.barrier()  # on every rank (a node may have no such file): every rank has mapped every buffer
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    remove_deepspeed_shm(addr, port, dist.get_rank())
 
 
 def device_for(launch: Launch):
