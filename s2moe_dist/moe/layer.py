@@ -191,7 +191,7 @@ class S2MoELayer(nn.Module):
         else:
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
-        dropped = r_clean.num_dropped + (r_noisy.num_dropped if r_noisy is not r_clean else r_clean.num_dropped)
+        dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
         self._record(counts, dropped, 2 * r_clean.expert_idx.numel(), gate=g, z=z, z_hat=z_hat)
         return y.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
 
