@@ -5,7 +5,12 @@ config, steps, batches and seed; only ``model.moe.moe_type`` / ``router_type`` d
 scores each checkpoint with ``s2moe-eval`` on the held-out test split at every ``--eval-k``.
 
     python benchmarks/quality.py [--models smoe s2moe xmoe stablemoe] [--steps 1500] [--world 1]
-        [--config configs/model/quality-tiny.yaml] [--output outputs/quality] [--write-results]
+        [--seeds 1234 1235 1236] [--config configs/model/quality-tiny.yaml] [--output outputs/quality]
+        [--write-results]
+
+With several ``--seeds`` every contestant is trained once per seed (``train.seed``: initial
+weights, batch order, noise) and the tables give the mean and the sample standard deviation over
+seeds, and S2MoE - SMoE differences paired by seed.
 
 Contestants (all trained with top-2):
   smoe       the paper's SMoE baseline: our layer without the noise stream and gate
@@ -62,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (default: ZeRO-0 fp32)")
     p.add_argument("--eval-k", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train.seed of each run (default: the config's seed only)")
     p.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: all)")
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "quality"), help="run folders")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where quality.json / .md go")
@@ -88,14 +95,21 @@ def _env(threads: int):
     return env
 
 
-def train(name: str, args, steps: int, run_dir: str) -> None:
+def run_dir_for(args, name: str, seed: int, config_seed: int) -> str:
+    """``<output>/<name>`` for the config's seed (the folders that predate --seeds), else
+    ``<output>/<name>-seed<N>``."""
+    base = os.path.join(os.path.abspath(args.output), name)
+    return base if seed == config_seed else f"{base}-seed{seed}"
+
+
+def train(name: str, args, steps: int, run_dir: str, seed: int) -> None:
     """Train (or finish) one contestant; a finished run of ``steps`` steps is left alone."""
     done = _read_json(os.path.join(run_dir, "final_eval.json"))
     if done and done.get("step") == steps:
         print(f"[quality] {name}: trained ({steps} steps) in {run_dir}, skipping", flush=True)
         return
     train_args = ["train", "--config", args.config, "--data", args.data, "--output", run_dir, "--resume", "auto",
-                  "--set", f"train.steps={steps}", *contestant_overrides(name, steps)]
+                  "--set", f"train.steps={steps}", f"train.seed={seed}", *contestant_overrides(name, steps)]
     if args.deepspeed:
         train_args += ["--deepspeed", args.deepspeed]
     if args.world == 1:
@@ -146,6 +160,38 @@ def evaluate(name: str, args, steps: int, run_dir: str) -> dict:
     return result
 
 
+def mean_std(values):
+    """Mean and sample standard deviation (None for one value)."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(runs: dict, steps: int) -> dict:
+    """Per model: mean test BPC over seeds (``test_bpc``), its std (``test_bpc_std``), the runs."""
+    results = {}
+    for name, by_seed in runs.items():
+        ks = next(iter(by_seed.values()))["test_bpc"].keys()
+        stats = {k: mean_std(r["test_bpc"][k] for r in by_seed.values()) for k in ks}
+        first = next(iter(by_seed.values()))
+        results[name] = {"overrides": contestant_overrides(name, steps), "seeds": [int(x) for x in by_seed],
+                         "test_bpc": {k: m for k, (m, _) in stats.items()},
+                         "test_bpc_std": {k: sd for k, (_, sd) in stats.items()},
+                         "test_characters": first["test_characters"], "step": first["step"],
+                         "runs": by_seed}
+    return results
+
+
+def paired(results: dict, a: str, ka: str, b: str, kb: str):
+    """Differences a@ka - b@kb over the seeds both models have, in seed order."""
+    common_seeds = [s for s in results[a]["runs"] if s in results[b]["runs"]]
+    return [(s, results[a]["runs"][s]["test_bpc"][ka] - results[b]["runs"][s]["test_bpc"][kb])
+            for s in common_seeds]
+
+
+def _fmt(mean: float, sd) -> str:
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
+
+
 def train_summary(run_dir: str) -> dict:
     """Median logged training tokens/s, last logged losses, final validation BPC, wall time."""
     rows = {}
@@ -175,7 +221,10 @@ def plot(results: dict, ks, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, r in results.items():
         ys = [r["test_bpc"][str(k)] for k in ks]
-        ax.plot(ks, ys, marker="o", label=LABELS[name])
+        err = [r["test_bpc_std"][str(k)] for k in ks]
+        n = len(r["seeds"])
+        label = LABELS[name] + (f" (mean ± sd, {n} seeds)" if n > 1 else "")
+        ax.errorbar(ks, ys, yerr=None if None in err else err, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
@@ -191,33 +240,50 @@ def plot(results: dict, ks, path: str, title: str) -> None:
 
 def report(args, steps: int, results: dict, meta: dict) -> str:
     ks = sorted(args.eval_k)
-    header = ["model", *[f"test BPC k={k}" for k in ks], "valid BPC k=2 (end of training)",
+    header = ["model", "seeds", *[f"test BPC k={k}" for k in ks], "valid BPC k=2 (end of training)",
               "train tokens/s (median of logs)", "train wall s"]
-    rows = []
+    rows, seed_rows = [], []
     for name, r in results.items():
-        s = r["train"]
-        valid = (s["valid_bpc"] or {}).get("2")
-        rows.append([LABELS[name], *[f'{r["test_bpc"][str(k)]:.4f}' for k in ks],
-                     f"{valid:.4f}" if valid is not None else "-", s["median_train_tokens_per_s"] or "-",
-                     s["train_wall_s"] or "-"])
-    table = common.markdown_table(header, rows)
-    cells = {name: r["test_bpc"] for name, r in results.items()}
+        trains = [run["train"] for run in r["runs"].values()]
+        valid = [t["valid_bpc"]["2"] for t in trains if (t["valid_bpc"] or {}).get("2") is not None]
+        tps = [t["median_train_tokens_per_s"] for t in trains if t["median_train_tokens_per_s"]]
+        wall = [t["train_wall_s"] for t in trains if t["train_wall_s"]]
+        rows.append([LABELS[name], len(r["seeds"]), *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
+                     _fmt(*mean_std(valid)) if valid else "-", f"{statistics.median(tps):.0f}" if tps else "-",
+                     f"{statistics.fmean(wall):.0f}" if wall else "-"])
+        for seed, run in r["runs"].items():
+            seed_rows.append([LABELS[name], seed, *[f'{run["test_bpc"][str(k)]:.4f}' for k in ks]])
+    several = any(len(r["seeds"]) > 1 for r in results.values())
+    tables = [common.markdown_table(header, rows)]
+    if several:
+        tables += ["", "Each run (test BPC):", "", common.markdown_table(["model", "seed", *[f"k={k}" for k in ks]],
+                                                                        seed_rows)]
     notes = []
-    if "smoe" in cells and "s2moe" in cells:
-        diffs = ", ".join(f"k={k}: {cells['s2moe'][str(k)] - cells['smoe'][str(k)]:+.4f}" for k in ks)
-        notes.append(f"- S2MoE minus SMoE test BPC (negative: S2MoE better): {diffs}")
-        if "1" in cells["s2moe"] and "2" in cells["smoe"]:
-            d = cells["s2moe"]["1"] - cells["smoe"]["2"]
-            notes.append(f"- the paper's claim, S2MoE with 1 expert against SMoE with 2: {d:+.4f} BPC "
-                         f"({'S2MoE k=1 better' if d < 0 else 'SMoE k=2 better'})")
+    if "smoe" in results and "s2moe" in results:
+        def line(pairs):
+            m, sd = mean_std(d for _, d in pairs)
+            per_seed = ", ".join(f"{d:+.4f}" for _, d in pairs)
+            return f"{m:+.4f}" + (f" ± {sd:.4f} (per seed: {per_seed})" if sd is not None else "")
+        diffs = "; ".join(f"k={k}: {line(paired(results, 's2moe', str(k), 'smoe', str(k)))}" for k in ks)
+        notes.append(f"- S2MoE minus SMoE test BPC, paired by seed (negative: S2MoE better): {diffs}")
+        if "1" in results["s2moe"]["test_bpc"] and "2" in results["smoe"]["test_bpc"]:
+            pairs = paired(results, "s2moe", "1", "smoe", "2")
+            m = statistics.fmean(d for _, d in pairs)
+            notes.append(f"- the paper's claim, S2MoE with 1 expert against SMoE with 2: {line(pairs)} BPC "
+                         f"({'S2MoE k=1 better' if m < 0 else 'SMoE k=2 better'} on the mean; "
+                         f"{sum(d < 0 for _, d in pairs)} of {len(pairs)} seeds S2MoE k=1 better)")
+    seeds = sorted({s for r in results.values() for s in r["seeds"]})
+    spread = ("the standard deviations above are over " + f"{len(seeds)} seeds" if several else
+              "one seed per model: the seed-to-seed spread was not measured, so differences of a few "
+              "hundredths of a bit are not established by this run alone")
     body = "\n".join([
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}; command: `{meta['command']}`",
         f"- load average: before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other jobs)",
-        f"- budget (same for every model): {steps} steps x {meta['batch_size']} sequences x {meta['seq_len']} "
-        f"characters = {meta['train_characters'] / 1e6:.2f}M training characters, seed {meta['seed']}, "
-        f"{args.world} rank(s), {args.threads} thread(s) each, DeepSpeed engine "
-        f"({args.deepspeed or 'ZeRO-0 fp32'})",
+        f"- budget (same for every model and seed): {steps} steps x {meta['batch_size']} sequences x "
+        f"{meta['seq_len']} characters = {meta['train_characters'] / 1e6:.2f}M training characters, "
+        f"seed(s) {', '.join(map(str, seeds))} (train.seed: initial weights, batch order, noise), "
+        f"{args.world} rank(s), {args.threads} thread(s) each, DeepSpeed engine ({args.deepspeed or 'ZeRO-0 fp32'})",
         f"- model: `{os.path.relpath(args.config, ROOT)}` ({meta['model_desc']}); all trained with top-2; "
         "StableMoE's router frozen after steps/4",
         f"- data: `{os.path.relpath(os.path.abspath(args.data), ROOT)}` (text8 head, 90/5/5 split); test BPC "
@@ -225,11 +291,11 @@ def report(args, steps: int, results: dict, meta: dict) -> str:
         + (f" (first {args.max_windows} windows)" if args.max_windows else " (all windows)"),
         f"- plot: `{os.path.relpath(os.path.abspath(args.png), ROOT)}`; JSON: "
         f"`{os.path.relpath(os.path.join(os.path.abspath(args.results), 'quality.json'), ROOT)}`",
-        "", table, "", *notes,
-        "- A miniature: a ~1M-parameter model trained for minutes, not the paper's 100k steps at d 256, "
-        "and one seed per model: the seed-to-seed spread was not measured, so differences of a few "
-        "hundredths of a bit are not established by this run alone. Train tokens/s and wall time were "
-        "taken under different loads from other jobs (see bench_model.py for speed).",
+        "- cells: mean ± sample standard deviation over seeds (a single value: one seed)",
+        "", *tables, "", *notes,
+        f"- A miniature: a ~1M-parameter model trained for minutes, not the paper's 100k steps at d 256; "
+        f"{spread}. Train tokens/s and wall time were taken under different loads from other jobs "
+        "(see bench_model.py for speed).",
     ])
     return body
 
@@ -242,7 +308,7 @@ def write_outputs(args, run_cfg, steps: int, results: dict, load_before: str) ->
         previous = (_read_json(os.path.join(args.results, "quality.json")) or {}).get("meta", {})
         run_meta.update({k: previous[k] for k in run_meta if k in previous})
     meta = {**run_meta, "batch_size": run_cfg.train.batch_size,
-            "seq_len": m.seq_len, "seed": run_cfg.train.seed,
+            "seq_len": m.seq_len, "config_seed": run_cfg.train.seed,
             "train_characters": steps * run_cfg.train.batch_size * m.seq_len,
             "test_characters": next(iter(results.values()))["test_characters"],
             "model_desc": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
@@ -278,24 +344,28 @@ def main(argv=None) -> int:
     run_cfg = load_run_config(args.config, [f"train.steps={args.steps}"] if args.steps else [], args.data)
     steps = run_cfg.train.steps
     load_before = common.load_average()
-    results = {}
-    for name in args.models:
-        run_dir = os.path.join(os.path.abspath(args.output), name)
-        if not args.report_only:
-            train(name, args, steps, run_dir)
-            ev = evaluate(name, args, steps, run_dir)
-        else:
-            ev = _read_json(os.path.join(run_dir, "test_eval.json"))
-            if not ev:
-                print(f"[quality] {name}: no test_eval.json in {run_dir}, left out", flush=True)
-                continue
-        results[name] = {"overrides": contestant_overrides(name, steps), "test_bpc": ev["bpc"],
-                         "test_characters": ev["characters_scored"], "step": ev["step"],
-                         "train": train_summary(run_dir)}
-        print(f"[quality] {name}: test BPC " + "  ".join(f"k={k}: {v:.4f}" for k, v in ev["bpc"].items()),
-              flush=True)
-        body = write_outputs(args, run_cfg, steps, results, load_before)  # after each model: partial results
-    if not results:
+    seeds = args.seeds or [run_cfg.train.seed]
+    runs = {}  # name -> {seed: run record}
+    body = None
+    # seed-major: after each seed every model has one more run, so partial results stay comparable
+    for seed in seeds:
+        for name in args.models:
+            run_dir = run_dir_for(args, name, seed, run_cfg.train.seed)
+            if not args.report_only:
+                train(name, args, steps, run_dir, seed)
+                ev = evaluate(name, args, steps, run_dir)
+            else:
+                ev = _read_json(os.path.join(run_dir, "test_eval.json"))
+                if not ev:
+                    print(f"[quality] {name} seed {seed}: no test_eval.json in {run_dir}, left out", flush=True)
+                    continue
+            runs.setdefault(name, {})[str(seed)] = {
+                "run_dir": os.path.relpath(run_dir, ROOT), "test_bpc": ev["bpc"],
+                "test_characters": ev["characters_scored"], "step": ev["step"], "train": train_summary(run_dir)}
+            print(f"[quality] {name} seed {seed}: test BPC "
+                  + "  ".join(f"k={k}: {v:.4f}" for k, v in ev["bpc"].items()), flush=True)
+            body = write_outputs(args, run_cfg, steps, aggregate(runs, steps), load_before)
+    if body is None:
         return 1
     print(body, flush=True)
     return 0
