@@ -22,6 +22,7 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -46,6 +47,32 @@ ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpee
 PARAM_GROUP_FIX = ("Build the optimizer from s2moe_dist.integrations.deepspeed.s2moe_param_groups(model) "
                    "(or deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer), e.g. "
                    "torch.optim.AdamW(s2moe_param_groups(model, weight_decay=0.1), lr=...)")
+
+
+# The engine-side fixes below replace DeepSpeed internals found by reading 0.19.8's source.
+TESTED_DEEPSPEED = "0.19."
+_warned: set = set()
+
+
+def warn_deepspeed_internals(what: str) -> None:
+    """Say once per message that an engine fix could not be applied as written for 0.19.8."""
+    msg = (f"s2moe_dist: {what} (DeepSpeed {deepspeed.__version__}; these fixes were written and tested "
+           f"against DeepSpeed 0.19.8). Check that the reported gradient norm equals a single-process run "
+           f"(tests/test_deepspeed_engine.py) or pin deepspeed==0.19.8.")
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _inside_deepspeed_initialize(max_depth: int = 40) -> bool:
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "initialize" and frame.f_globals.get("__name__") == "deepspeed":
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _MoEType(_DeepSpeedMoE):
@@ -88,6 +115,11 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
         engine = _calling_engine()
         if engine is not None:
             check_engine(engine)
+        elif _inside_deepspeed_initialize():
+            warn_deepspeed_internals("deepspeed.initialize called set_deepspeed_parallelism but no "
+                                     "DeepSpeedEngine was found on the call stack: the ZeRO-3 and param-group "
+                                     "checks, the EP-aware load_checkpoint and the MoE gradient-norm fixes "
+                                     "were NOT installed")
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -167,6 +199,9 @@ def check_engine(engine) -> None:
     if engine.__dict__.get("_s2moe_checked"):
         return
     engine.__dict__["_s2moe_checked"] = True
+    if not deepspeed.__version__.startswith(TESTED_DEEPSPEED):
+        warn_deepspeed_internals("the engine fixes (MoE gradient norm under ZeRO-0, EP-aware "
+                                 "load_checkpoint) replace internals of another DeepSpeed version")
     if engine.zero_optimization_stage() == 3:
         raise ValueError(ZERO3_ERROR)
     opt = engine.client_optimizer
@@ -258,6 +293,10 @@ def install_moe_grad_clipping(engine) -> None:
     """Replace this engine's ZeRO-0 fp32 clipping (``clip_fp32_gradients``), which averages per-rank
     norms, with one using ``global_grad_norm``; the norm is also reported by ``get_global_grad_norm()``."""
     import types
+    if not callable(getattr(engine, "clip_fp32_gradients", None)):
+        warn_deepspeed_internals("DeepSpeedEngine.clip_fp32_gradients not found: ZeRO-0 fp32 gradient "
+                                 "clipping keeps DeepSpeed's own norm, which averages per-rank norms under EP")
+        return
 
     def clip_fp32_gradients(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -308,7 +347,11 @@ def install_moe_grad_norm_for_unfused_optimizer(engine) -> None:
     optimizer it builds uses ``_unfused_step_with_expert_norm``."""
     import types
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    configure = engine._configure_fp16_optimizer
+    configure = getattr(engine, "_configure_fp16_optimizer", None)
+    if not callable(configure):
+        warn_deepspeed_internals("DeepSpeedEngine._configure_fp16_optimizer not found: ZeRO-0 bf16/fp16 "
+                                 "keeps DeepSpeed's gradient norm, which leaves expert gradients out")
+        return
 
     def _configure_fp16_optimizer(optimizer, low_precision_dtype):
         wrapped = configure(optimizer, low_precision_dtype)
