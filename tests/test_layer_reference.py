@@ -88,9 +88,14 @@ def ref_gate(layer, x):
 
 
 def capture_noise(layer):
-    """Record the noise module's output x_hat of each forward (a hook, no change to the layer)."""
+    """Record x_hat of each forward (a hook, no change to the layer). The layer asks the noise
+    module for both streams stacked, [x; x_hat] (2T rows): x_hat is the rows after the input's T."""
     seen = []
-    layer.noise.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+
+    def hook(module, args, out):
+        T = args[0].shape[0]
+        seen.append((out[T:] if out.shape[0] == 2 * T else out).detach().clone())
+    layer.noise.register_forward_hook(hook)
     return seen
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from s2moe_dist import S2MoELayer as S2MoE  # the pure PyTorch layer
-from s2moe_dist.moe.losses import balance_loss, infonce_loss, sample_token_rows
+from s2moe_dist.moe.losses import balance_loss, infonce_loss, infonce_loss_stacked, sample_token_rows
 from s2moe_dist.moe.noise import GaussianNoise
 from test_layer_grads import ref_balance, ref_infonce
 
@@ -128,6 +128,22 @@ def test_infonce_equals_formula(tau):
     g2 = torch.autograd.grad(want, (z, z_hat))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,max_tokens", [(40, 1024), (300, 64)])  # all tokens / a sample
+def test_infonce_on_the_stacked_streams_equals_infonce_on_the_two_views(T, max_tokens):
+    """The layer's one-gather form: same loss and same gradients as infonce_loss(z, z_hat) when the
+    sampler draws the same rows."""
+    z, z_hat = torch.randn(T, 16, requires_grad=True), torch.randn(T, 16, requires_grad=True)
+    ref = infonce_loss(z, z_hat, 0.2, max_tokens, generator=torch.Generator().manual_seed(5))
+    gz, gzh = torch.autograd.grad(ref, [z, z_hat])
+    stacked = torch.cat([z, z_hat]).detach().requires_grad_(True)
+    got = infonce_loss_stacked(stacked, 0.2, max_tokens, generator=torch.Generator().manual_seed(5))
+    (gs,) = torch.autograd.grad(got, [stacked])
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gs, torch.cat([gz, gzh]), rtol=1e-6, atol=1e-7)
+    if max_tokens < T:
+        assert int((gs[:T].abs().sum(1) > 0).sum()) == max_tokens  # only the sampled rows get gradient
 
 
 def test_infonce_identical_views_far_apart_is_near_zero_and_scale_free():

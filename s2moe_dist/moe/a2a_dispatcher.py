@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..parallel.all_to_all import all_to_all, exchange_counts
-from .dispatcher import combine, sort_slots
+from .dispatcher import combine, gather_tokens, inverse_permutation, permute_rows, sort_slots
 
 
 def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
@@ -28,25 +28,6 @@ def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
                                     recv_counts.reshape(-1), output_size=int(recv_counts.sum()))
     key = (chunk % e_local) * ep + torch.div(chunk, e_local, rounding_mode="floor")
     return torch.argsort(key, stable=True)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """rows -> rows[perm] for a permutation: the backward is a gather by the inverse permutation,
-    not index_select's zero-fill + scatter-add."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse, perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inverse, perm = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return _PermuteRows.apply(x, perm, inverse)
 
 
 class AllToAllDispatcher:
@@ -68,7 +49,7 @@ class AllToAllDispatcher:
     def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts):
         group, ep, e_local = self.group, self.ep_size, self.num_local_experts
         slots = sort_slots(dispatch_idx, weights, self.num_experts)
-        send = tokens.index_select(0, slots.token_idx)
+        send = gather_tokens(tokens, slots)
         if torch.is_grad_enabled() and not send.requires_grad:
             # every rank must run both backward all-to-alls, or the ranks that do wait forever
             send = send.detach().requires_grad_()
@@ -80,8 +61,7 @@ class AllToAllDispatcher:
         recv = all_to_all(send, output_splits, input_splits, group)              # a2a #2 (there)
 
         perm = source_to_expert_order(recv_counts)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        inverse = inverse_permutation(perm)
         local_out = experts(permute_rows(recv, perm, inverse), recv_counts.sum(0))
         if recv.shape[0] == 0:
             # nothing arrived: keep `recv` in the graph so this rank's backward joins the exchange

@@ -16,9 +16,9 @@ from torch import nn
 from ..config import S2MoEConfig
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
-from .losses import balance_loss, infonce_accuracy, infonce_loss
+from .losses import balance_loss, infonce_accuracy, infonce_loss_stacked
 from .noise import GaussianNoise
-from .router import Routing
+from .router import Routing, TopKRouter
 from .router_variants import build_router
 from .tp_dispatcher import tensor_parallel_plan
 
@@ -137,6 +137,20 @@ class S2MoELayer(nn.Module):
                            use_rts=cfg.use_rts and self.training,
                            second_expert_sampling=cfg.top2_2nd_expert_sampling and self.training)
 
+    def _route_two_streams(self, tokens: torch.Tensor, T: int, k: int):
+        """Routings of the clean rows ``tokens[:T]`` and the noisy rows ``tokens[T:]``, and the
+        [2T, k] experts and weights to dispatch all rows with."""
+        if self.config.noisy_routing != "own":  # the noisy stream goes where its clean token goes
+            r = self._route(tokens[:T], k)
+            return r, r, r.dispatch_idx.repeat(2, 1), r.weights.repeat(2, 1)
+        if type(self.router) is TopKRouter and not self.config.drop_tokens:
+            # top-k rows route independently (no capacity): one logits GEMM, softmax and top-k for both
+            r = self._route(tokens, k)
+            return r.rows(0, T), r.rows(T, 2 * T), r.dispatch_idx, r.weights
+        r_clean, r_noisy = self._route(tokens[:T], k), self._route(tokens[T:], k)  # per-stream capacity
+        return (r_clean, r_noisy, torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx]),
+                torch.cat([r_clean.weights, r_noisy.weights]))
+
     def _balance(self, r: Routing) -> torch.Tensor:
         """Switch balance loss, or the router's own (StableMoE's)."""
         own = getattr(self.router, "balance_loss", None)
@@ -169,12 +183,8 @@ class S2MoELayer(nn.Module):
         gen = None
         if not self.training:  # eval_mode="noisy": seeded, reproducible noise
             gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
-        x_hat = self.noise(x, generator=gen)
-        r_clean = self._route(x, k)
-        r_noisy = self._route(x_hat, k) if cfg.noisy_routing == "own" else r_clean
-        tokens = torch.cat([x, x_hat], dim=0)
-        idx = torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx], dim=0)
-        w = torch.cat([r_clean.weights, r_noisy.weights], dim=0)
+        tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
+        r_clean, r_noisy, idx, w = self._route_two_streams(tokens, T, k)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
         out_clean, out_noisy = out.split([T, T])  # (slicing's backward would zero-fill [2T, d] twice)
         g = torch.sigmoid(self.gate(x))
@@ -186,8 +196,9 @@ class S2MoELayer(nn.Module):
         else:
             self.l_aux = 0.5 * (bal_clean + self._balance(r_noisy))
         if self.training:
-            z, z_hat = (x, x_hat) if cfg.uncertainty_on == "input" else (out_clean, out_noisy)
-            self.uncertainty_loss = infonce_loss(z, z_hat, cfg.infonce_temperature, cfg.infonce_max_tokens)
+            stacked = tokens if cfg.uncertainty_on == "input" else out  # [2T, d]: clean rows, then noisy
+            z, z_hat = stacked[:T], stacked[T:]
+            self.uncertainty_loss = infonce_loss_stacked(stacked, cfg.infonce_temperature, cfg.infonce_max_tokens)
         else:
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)

@@ -40,6 +40,23 @@ def infonce_loss(z: torch.Tensor, z_hat: torch.Tensor, temperature: float,
     rows = sample_token_rows(z.shape[0], max_tokens, z.device, generator)
     if rows is not None:
         z, z_hat = z.index_select(0, rows), z_hat.index_select(0, rows)
+    return _infonce(z, z_hat, temperature)
+
+
+def infonce_loss_stacked(streams: torch.Tensor, temperature: float, max_tokens: int = 1024,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``infonce_loss(streams[:T], streams[T:])`` for the layer's [2T, d] stack of clean and noisy
+    rows (same sample for the same generator state). Both views' sampled rows are gathered with ONE
+    index_select, so the backward zero-fills one [2T, d] gradient instead of two [T, d] ones."""
+    T = streams.shape[0] // 2
+    rows = sample_token_rows(T, max_tokens, streams.device, generator)
+    if rows is None:
+        return _infonce(streams[:T], streams[T:], temperature)
+    both = streams.index_select(0, torch.cat([rows, rows + T]))
+    return _infonce(both[:rows.numel()], both[rows.numel():], temperature)
+
+
+def _infonce(z: torch.Tensor, z_hat: torch.Tensor, temperature: float) -> torch.Tensor:
     if z.shape[0] < 2:
         return z.sum() * 0.0
     z = F.normalize(z.float(), dim=-1)

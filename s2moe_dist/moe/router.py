@@ -27,6 +27,13 @@ class Routing:
     def drop_fraction(self) -> float:
         return self.num_dropped / max(1, self.expert_idx.numel())
 
+    def rows(self, start: int, end: int) -> "Routing":
+        """The routing of tokens [start, end) of a dropless routing (capacity couples the rows)."""
+        if self.num_dropped:
+            raise ValueError("Routing.rows: a routing with capacity drops cannot be split by rows")
+        return Routing(probs=self.probs[start:end], expert_idx=self.expert_idx[start:end],
+                       dispatch_idx=self.dispatch_idx[start:end], weights=self.weights[start:end])
+
 
 def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
     """DeepSpeed's rule, generalised to k: ceil(T * k / E * capacity_factor), at least min_capacity."""
