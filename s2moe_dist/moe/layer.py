@@ -17,6 +17,7 @@ from ..config import S2MoEConfig
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
 from .losses import balance_loss, infonce_accuracy, infonce_loss_stacked
+from .mix import gated_mix
 from .noise import GaussianNoise
 from .router import Routing, TopKRouter
 from .router_variants import build_router
@@ -186,9 +187,8 @@ class S2MoELayer(nn.Module):
         tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
         r_clean, r_noisy, idx, w = self._route_two_streams(tokens, T, k)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
-        out_clean, out_noisy = out.split([T, T])  # (slicing's backward would zero-fill [2T, d] twice)
         g = torch.sigmoid(self.gate(x))
-        y = torch.lerp(out_noisy, out_clean, g.to(out_clean.dtype))  # = g * clean + (1 - g) * noisy, one pass
+        y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
         bal_clean = self._balance(r_clean)
         if r_noisy is r_clean:
