@@ -12,82 +12,26 @@ import datetime
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from s2moe_dist.train.distributed import remove_deepspeed_shm
+from s2moe_dist.parallel.local_ranks import run_on_local_ranks
+from s2moe_dist.train.distributed import free_port  # noqa: F401 (quality.py)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 # ---- processes --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, fn, world, port, outdir, args, threads):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_SIZE": str(world)})
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-    try:
-        import deepspeed  # DeepSpeed's MoE needs deepspeed.comm and its groups
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        result = {"ok": fn(rank, world, *args)}
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
-        result = {"error": traceback.format_exc()}
-    path = os.path.join(outdir, f"rank{rank}.pt")
-    torch.save(result, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def spawn(fn, world: int, args: tuple = (), threads: int = 1, timeout: float = 3600.0) -> List:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned, free port); per-rank results."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(fn, world, port, outdir, args, threads),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=1.0):
-                errors = [p for p in _results(outdir, world) if p and "error" in p]
-                if errors or time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.kill()
-                    raise RuntimeError(errors[0]["error"] if errors else f"timed out after {timeout:.0f}s")
-        finally:
-            remove_deepspeed_shm("127.0.0.1", port)
-        results = _results(outdir, world)
-    for rank, r in enumerate(results):
-        if r is None or "error" in r:
-            raise RuntimeError(f"rank {rank} failed:\n{r['error'] if r else 'no result'}")
-    return [r["ok"] for r in results]
-
-
-def _results(outdir, world):
-    out = []
-    for rank in range(world):
-        path = os.path.join(outdir, f"rank{rank}.pt")
-        try:
-            out.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
-        except Exception:  # noqa: BLE001 - half written
-            out.append(None)
-    return out
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned, free port, DeepSpeed's comm
+    initialised: its MoE needs it); per-rank results."""
+    return run_on_local_ranks(fn, world, args, timeout=timeout, use_deepspeed=True, threads=threads)
 
 
 # ---- collectives --------------------------------------------------------------------------------

@@ -58,9 +58,49 @@ class _GatherAllSlots(torch.autograd.Function):
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         g = grad.index_select(0, inverse)
-        if ctx.k > 1:
-            g = g.view(g.shape[0] // ctx.k, ctx.k, g.shape[-1]).sum(dim=1)
-        return g, None, None, None
+        return _sum_over_slots(g, ctx.k), None, None, None
+
+
+def _sum_over_slots(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """[N*k, d] token-major -> [N, d]: sum of each token's k rows (slice adds: a strided
+    ``sum(dim=1)`` over [N, k, d] is ~2.5x slower on CPU)."""
+    if k == 1:
+        return rows
+    r = rows.view(rows.shape[0] // k, k, rows.shape[-1])
+    out = r[:, 0] + r[:, 1]
+    for j in range(2, k):
+        out.add_(r[:, j])
+    return out
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * rows[t*k + j] for token-major rows [N*k, d] and weights [N, k];
+    the backward writes each slot's gradient into one [N*k, d] buffer (no zero fill)."""
+
+    @staticmethod
+    def forward(ctx, rows, w):
+        k = w.shape[1]
+        r = rows.view(w.shape[0], k, rows.shape[-1])
+        out = r[:, 0] * w[:, 0:1]
+        for j in range(1, k):
+            out.addcmul_(r[:, j], w[:, j:j + 1])
+        ctx.save_for_backward(rows, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, w = ctx.saved_tensors
+        n, k = w.shape
+        r = rows.view(n, k, rows.shape[-1])
+        grad_rows = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.empty_like(rows)
+            g3 = grad_rows.view(n, k, rows.shape[-1])
+            for j in range(k):
+                torch.mul(grad, w[:, j:j + 1], out=g3[:, j])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.stack([(grad * r[:, j]).sum(dim=-1) for j in range(k)], dim=1)
+        return grad_rows, grad_w
 
 
 @dataclass
@@ -98,10 +138,7 @@ def combine(expert_out: torch.Tensor, slots: SortedSlots, num_tokens: int) -> to
     """out[t] = sum over t's kept slots of weight * expert output."""
     if slots.inverse is not None:  # every slot kept: back to token order by the inverse permutation
         rows = permute_rows(expert_out, slots.inverse, slots.order)  # [N*k, d], token-major
-        w = slots.token_weights.reshape(-1, 1).to(rows.dtype)
-        if slots.k == 1:
-            return rows * w
-        return (rows * w).view(num_tokens, slots.k, rows.shape[-1]).sum(dim=1)
+        return _WeightedSlotSum.apply(rows, slots.token_weights.to(rows.dtype))
     weighted = expert_out * slots.weights.unsqueeze(-1).to(expert_out.dtype)
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     return out.index_add(0, slots.token_idx, weighted)
