@@ -175,16 +175,9 @@ def _groups(rank, world, tp):
     """(TP group, DP group) of ``rank`` in Megatron's layout (TP: contiguous ranks, DP: strided),
     made here with plain new_group: Megatron's own parallel_state is exercised by
     test_megatron_integration.py / test_megatron_deepspeed.py (this saves its import on 4 ranks)."""
-    mine = []
-    for layout in ([list(range(i, i + tp)) for i in range(0, world, tp)],
-                   [list(range(i, world, tp)) for i in range(tp)]):
-        found = None
-        for ranks in layout:
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                found = g
-        mine.append(found)
-    return mine
+    from s2moe_dist.parallel.groups import new_group_of_this_rank
+    return [new_group_of_this_rank([list(range(i, i + tp)) for i in range(0, world, tp)]),
+            new_group_of_this_rank([list(range(i, world, tp)) for i in range(tp)])]
 
 
 def _tp_body(rank, world):

@@ -32,21 +32,24 @@ def check_ep_size(world_size: int, ep_size: int) -> None:
                          f"choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}")
 
 
+def new_group_of_this_rank(layout: List[List[int]]):
+    """Create every group of ``layout`` (a partition of the ranks) and return the one holding this
+    rank. ``new_group`` is collective: every rank must create every group, in the same order."""
+    rank, mine = dist.get_rank(), None
+    for ranks in layout:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
 def get_expert_groups(ep_size: int):
     """(EP group, EDP group) of this rank for ``ep_size``; made on first call, on every rank."""
     if ep_size not in _GROUPS:
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world = dist.get_world_size()
         check_ep_size(world, ep_size)
-        mine_ep = mine_edp = None
-        for ranks in expert_parallel_ranks(world, ep_size):
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                mine_ep = g
-        for ranks in expert_data_parallel_ranks(world, ep_size):
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                mine_edp = g
-        _GROUPS[ep_size] = (mine_ep, mine_edp)
+        _GROUPS[ep_size] = (new_group_of_this_rank(expert_parallel_ranks(world, ep_size)),
+                            new_group_of_this_rank(expert_data_parallel_ranks(world, ep_size)))
     return _GROUPS[ep_size]
 
 

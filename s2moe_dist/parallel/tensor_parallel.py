@@ -14,6 +14,7 @@ from typing import Dict, Tuple
 
 import torch.distributed as dist
 
+from .groups import new_group_of_this_rank
 from .topology import expert_tp_ranks, tensor_parallel_ranks
 
 _TP_GROUP = None
@@ -50,17 +51,8 @@ def get_expert_tp_groups(ep_size: int, tp_size: int):
     (``new_group`` is collective: every rank creates every group, in one order)."""
     key = (ep_size, tp_size)
     if key not in _EXPERT_TP_GROUPS:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        ep_ranks, edp_ranks = expert_tp_ranks(world, tp_size, ep_size)
-        mine = []
-        for layout in (ep_ranks, edp_ranks):
-            found = None
-            for ranks in layout:
-                g = dist.new_group(ranks)
-                if rank in ranks:
-                    found = g
-            mine.append(found)
-        _EXPERT_TP_GROUPS[key] = (mine[0], mine[1])
+        ep_ranks, edp_ranks = expert_tp_ranks(dist.get_world_size(), tp_size, ep_size)
+        _EXPERT_TP_GROUPS[key] = (new_group_of_this_rank(ep_ranks), new_group_of_this_rank(edp_ranks))
     return _EXPERT_TP_GROUPS[key]
 
 
