@@ -279,7 +279,8 @@ def report(args, steps: int, results: dict, meta: dict) -> str:
     body = "\n".join([
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}; command: `{meta['command']}`",
-        f"- load average: before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other jobs)",
+        (f"- load average: before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other jobs)"
+         if not meta["load_before"].startswith("n/a") else f"- load average: {meta['load_before']}"),
         f"- budget (same for every model and seed): {steps} steps x {meta['batch_size']} sequences x "
         f"{meta['seq_len']} characters = {meta['train_characters'] / 1e6:.2f}M training characters, "
         f"seed(s) {', '.join(map(str, seeds))} (train.seed: initial weights, batch order, noise), "
@@ -304,9 +305,16 @@ def write_outputs(args, run_cfg, steps: int, results: dict, load_before: str) ->
     m = run_cfg.model
     run_meta = {"machine": common.machine(), "date": common.now(), "command": common.command_line(),
                 "load_before": load_before, "load_after": common.load_average()}
-    if args.report_only:  # keep the figures' own date, command and load from the run that made them
+    if args.report_only:
         previous = (_read_json(os.path.join(args.results, "quality.json")) or {}).get("meta", {})
-        run_meta.update({k: previous[k] for k in run_meta if k in previous})
+        seeds = sorted({s for r in results.values() for s in r["seeds"]})
+        if previous.get("seeds", [previous.get("config_seed", previous.get("seed"))]) == seeds:
+            # the same runs: keep the figures' own date, command and load from the run that made them
+            run_meta.update({k: previous[k] for k in run_meta if k in previous})
+        else:  # assembled from run folders trained at different times: say so instead of one load
+            run_meta["load_before"] = run_meta["load_after"] = (
+                "n/a: a report over existing run folders, each trained by `python benchmarks/quality.py "
+                "--models M --seeds S` (its log: <run folder>/train.log)")
     meta = {**run_meta, "batch_size": run_cfg.train.batch_size,
             "seq_len": m.seq_len, "config_seed": run_cfg.train.seed,
             "train_characters": steps * run_cfg.train.batch_size * m.seq_len,
@@ -317,6 +325,7 @@ def write_outputs(args, run_cfg, steps: int, results: dict, load_before: str) ->
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "quality.json"), "w") as f:
         json.dump({"meta": {**meta, "steps": steps, "world": args.world, "threads": args.threads,
+                            "seeds": sorted({s for r in results.values() for s in r["seeds"]}),
                             "config": os.path.relpath(args.config, ROOT), "eval_k": ks},
                    "results": results}, f, indent=2)
     plot(results, ks, args.png, f"text8 head, {steps} steps, tiny LM ({m.n_layers}x{m.d_model}, "
