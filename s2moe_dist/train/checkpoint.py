@@ -75,6 +75,13 @@ def is_complete(ckpt_dir: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE))
 
 
+def damaged_tags(ckpt_dir: str) -> List[str]:
+    """Tag folders renamed by ``mark_damaged``, by name."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(n for n in os.listdir(ckpt_dir) if n.endswith(DAMAGED) and _TAG.match(n[:-len(DAMAGED)]))
+
+
 def complete_tags(ckpt_dir: str) -> List[str]:
     """Complete tags, oldest first (by step)."""
     if not os.path.isdir(ckpt_dir):
