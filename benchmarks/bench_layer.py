@@ -312,6 +312,14 @@ def _check(what, fig, ref, target, best, above=False):
             f"(target {'>' if above else '<='} {target})")
 
 
+def profiles_markdown(rank0: dict) -> str:
+    """The ``--profile`` tables of rank 0, for the section (where the time goes, op by op)."""
+    parts = [f"\n\n### profile: {mode} {name} (rank 0, one step, torch.profiler, top ops by self CPU time)\n\n"
+             f"```\n{text.strip()}\n```" for mode in ("train", "infer")
+             for name, text in rank0[mode].get("profile", {}).items()]
+    return "".join(parts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, choices=(1, 2), default=2)
@@ -343,10 +351,8 @@ def main(argv=None):
     title = f"Layer benchmark: {args.shape} shape, EP={args.world}"
     if opts["tokens"] != SHAPES[args.shape]["tokens"]:
         title += f", {opts['tokens']} tokens per rank"
+    body += profiles_markdown(results[0])
     print(f"## {title}\n\n{body}")
-    for mode in ("train", "infer"):
-        for name, text in results[0][mode].get("profile", {}).items():
-            print(f"\n### profile: {mode} {name} (rank 0)\n{text}")
     if args.out != "-":
         common.write_section(title, body, args.out)
         print(f"\nwritten to {args.out}")
