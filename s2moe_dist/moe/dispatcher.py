@@ -105,13 +105,22 @@ class _WeightedSlotSum(torch.autograd.Function):
 
 @dataclass
 class SortedSlots:
-    token_idx: torch.Tensor  # [S] token row of each kept slot, in expert order
-    weights: torch.Tensor    # [S] combine weight of each kept slot, in expert order
-    counts: torch.Tensor     # [E] kept slots per (global) expert
     order: torch.Tensor      # [S] slot id (token * k + choice) of each kept slot, in expert order
+    counts: torch.Tensor     # [E] kept slots per (global) expert
     k: int
     token_weights: torch.Tensor  # [N, k] combine weights in token order
     inverse: Optional[torch.Tensor] = None  # inverse of ``order`` when no slot was dropped
+
+    # the general (capacity-drop) path's views of the kept slots; the permutation path needs neither
+    @property
+    def token_idx(self) -> torch.Tensor:
+        """[S] token row of each kept slot, in expert order."""
+        return torch.div(self.order, self.k, rounding_mode="floor")
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """[S] combine weight of each kept slot, in expert order."""
+        return self.token_weights.reshape(-1)[self.order]
 
 
 def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> SortedSlots:
@@ -122,9 +131,8 @@ def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: i
     counts = torch.bincount(flat_e[flat_e >= 0], minlength=num_experts)
     dropped = flat_e.numel() - int(counts.sum())
     order = order[dropped:]  # -1 (dropped) slots sort first
-    return SortedSlots(token_idx=torch.div(order, k, rounding_mode="floor"),
-                       weights=weights.reshape(-1)[order], counts=counts, order=order, k=k,
-                       token_weights=weights, inverse=None if dropped else inverse_permutation(order))
+    return SortedSlots(order=order, counts=counts, k=k, token_weights=weights,
+                       inverse=None if dropped else inverse_permutation(order))
 
 
 def gather_tokens(tokens: torch.Tensor, slots: SortedSlots) -> torch.Tensor:
