@@ -142,12 +142,13 @@ def setup(args: TrainArgs) -> Setup:
             print(f"[s2moe-train] note: {note}", flush=True)
     output = os.path.abspath(args.output or default_output(args.config))
     ckpt_dir = os.path.join(output, CKPT_SUBDIR)
-    if args.resume is None and ckpt.complete_tags(ckpt_dir):
-        raise ValueError(f"--output {output} already holds checkpoints ({ckpt.complete_tags(ckpt_dir)[-1]}): "
+    complete, damaged = ckpt.complete_tags(ckpt_dir), ckpt.damaged_tags(ckpt_dir)
+    if args.resume is None and complete:
+        raise ValueError(f"--output {output} already holds checkpoints ({complete[-1]}): "
                          "pass --resume auto to continue that run, or choose a new --output")
-    if ckpt.damaged_tags(ckpt_dir) and not ckpt.complete_tags(ckpt_dir) and args.resume in (None, "auto"):
+    if damaged and not complete and args.resume in (None, "auto"):
         # a rerun after "no undamaged checkpoint" must not quietly restart a long run from step 0 there
-        raise ValueError(f"--output {output} holds only damaged checkpoints ({', '.join(ckpt.damaged_tags(ckpt_dir))}"
+        raise ValueError(f"--output {output} holds only damaged checkpoints ({', '.join(damaged)}"
                          f" in {ckpt_dir}): starting from step 0 there would silently restart the run; resume "
                          "from a checkpoint elsewhere (--resume PATH/global_stepN), move the damaged folders "
                          "out of the way to start again, or choose a new --output")
