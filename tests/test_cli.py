@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from dist_utils import LAUNCHER_PREFIXES, RANK_VARS
+
 from s2moe_dist.cli import eval_main, train_main
 from s2moe_dist.train import checkpoint as ckpt
 
@@ -15,7 +17,7 @@ TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
 @pytest.fixture
 def single_process_env(monkeypatch):
     for var in list(os.environ):
-        if var.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) or var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if var.startswith(LAUNCHER_PREFIXES) or var in RANK_VARS:
             monkeypatch.delenv(var)
 
 

@@ -5,18 +5,17 @@ import os
 import subprocess
 import sys
 
+from dist_utils import single_process_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ["train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=0", "train.eval_every=0",
             "train.progress=false", "train.batch_size=4", "model.seq_len=32"]
 
 
 def _train(out, *extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
     cmd = [sys.executable, "-m", "s2moe_dist.cli", "train", "--config", os.path.join(ROOT, "configs", "model", "tiny.yaml"),
            "--output", str(out), *extra, "--set", *SETTINGS]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=300)
 
 
 def _flip_a_byte(tag_dir):
