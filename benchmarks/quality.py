@@ -42,24 +42,67 @@ import common  # noqa: E402  (benchmarks/common.py: machine, load average, table
 
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "text8-head-12.5M.gz")
 SECTION = "Quality (Figure 1 in miniature)"
-LABELS = {"smoe": "SMoE", "s2moe": "S2MoE", "xmoe": "XMoE", "stablemoe": "StableMoE"}
+# Base contestants: name -> (label, overrides). "-top1": trained with model.moe.k=1 (the config has k=2).
+BASES = {
+    "smoe": ("SMoE top-2", ["model.moe.moe_type=smoe", "model.moe.router_type=topk"]),
+    "s2moe": ("S2MoE top-2", ["model.moe.moe_type=s2moe", "model.moe.router_type=topk"]),
+    "smoe-top1": ("SMoE top-1", ["model.moe.moe_type=smoe", "model.moe.router_type=topk", "model.moe.k=1"]),
+    # two streams x top-1: the same expert rows per token in training as SMoE top-2 (iso-FLOP)
+    "s2moe-top1": ("S2MoE trained top-1", ["model.moe.moe_type=s2moe", "model.moe.router_type=topk",
+                                           "model.moe.k=1"]),
+    "xmoe": ("XMoE", ["model.moe.moe_type=smoe", "model.moe.router_type=xmoe"]),
+    "stablemoe": ("StableMoE", ["model.moe.moe_type=smoe", "model.moe.router_type=stablemoe"]),
+}
+# Ablations of S2MoE's parts, appended to an S2MoE base as "<base>.<ablation>" (e.g. s2moe-top1.beta0).
+ABLATIONS = {
+    "beta0": ("no InfoNCE (beta 0)", ["model.moe.uncertainty_coef=0.0"]),
+    "infonce-output": ("InfoNCE on expert outputs", ["model.moe.uncertainty_on=output"]),
+    "fixed-gate": ("fixed gate 0.5", ["model.moe.gate=fixed"]),
+    "shared-routing": ("noisy stream routed like its clean token", ["model.moe.noisy_routing=shared"]),
+    "noise0.1": ("noise (a, b) = (0.1, 0.1)", ["model.moe.noise_mult_std=0.1", "model.moe.noise_add_std=0.1"]),
+    "noise0.3": ("noise (a, b) = (0.3, 0.3)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=0.3"]),
+    "noise0.3-1.0": ("noise (a, b) = (0.3, 1.0)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=1.0"]),
+    "noise1.0-0.3": ("noise (a, b) = (1.0, 0.3)", ["model.moe.noise_mult_std=1.0", "model.moe.noise_add_std=0.3"]),
+    "tau0.5": ("InfoNCE tau 0.5", ["model.moe.infonce_temperature=0.5"]),
+    "tau0.05": ("InfoNCE tau 0.05", ["model.moe.infonce_temperature=0.05"]),
+}
+
+
+def split_name(name: str):
+    """``"<base>[.<ablation>]"`` -> (base, ablation or None); unknown parts raise ValueError."""
+    base, _, abl = name.partition(".")
+    if base not in BASES:
+        raise ValueError(f"unknown contestant {name!r}: base must be one of {sorted(BASES)}")
+    if abl and (abl not in ABLATIONS or not base.startswith("s2moe")):
+        raise ValueError(f"unknown contestant {name!r}: an ablation ({sorted(ABLATIONS)}) applies to an "
+                         "S2MoE base (s2moe, s2moe-top1)")
+    return base, abl or None
+
+
+def label(name: str) -> str:
+    base, abl = split_name(name)
+    return BASES[base][0] + (f", {ABLATIONS[abl][0]}" if abl else "")
 
 
 def contestant_overrides(name: str, steps: int):
     """``--set`` overrides that make ``name`` out of the shared config."""
-    table = {
-        "smoe": ["model.moe.moe_type=smoe", "model.moe.router_type=topk"],
-        "s2moe": ["model.moe.moe_type=s2moe", "model.moe.router_type=topk"],
-        "xmoe": ["model.moe.moe_type=smoe", "model.moe.router_type=xmoe"],
-        "stablemoe": ["model.moe.moe_type=smoe", "model.moe.router_type=stablemoe",
-                      f"model.moe.freeze_router_after={max(1, steps // 4)}"],
-    }
-    return table[name]
+    base, abl = split_name(name)
+    out = list(BASES[base][1])
+    if base == "stablemoe":
+        out.append(f"model.moe.freeze_router_after={max(1, steps // 4)}")
+    return out + (ABLATIONS[abl][1] if abl else [])
+
+
+def contestant_name(value: str) -> str:
+    split_name(value)
+    return value
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["smoe", "s2moe"], choices=list(LABELS))
+    p.add_argument("--models", nargs="+", type=contestant_name, default=["smoe", "s2moe"],
+                   help=f"contestants: a base {sorted(BASES)}, optionally with an S2MoE ablation "
+                        f"<base>.<ablation> {sorted(ABLATIONS)}")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "quality-tiny.yaml"))
     p.add_argument("--data", default=DEFAULT_DATA, help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's train.steps)")
@@ -70,11 +113,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="train.seed of each run (default: the config's seed only)")
     p.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: all)")
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "quality"), help="run folders")
+    p.add_argument("--output", default=os.path.join(ROOT, "runs", "quality"), help="run folders")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where quality.json / .md go")
     p.add_argument("--png", default=os.path.join(HERE, "quality_bpc_vs_k.png"))
     p.add_argument("--write-results", action="store_true", help="write the RESULTS.md section")
     p.add_argument("--report-only", action="store_true", help="no training/eval: tables and plot from the run folders")
+    p.add_argument("--train-only", action="store_true",
+                   help="train and score the runs, write no report (for several quality.py at once)")
     return p.parse_args(argv)
 
 
@@ -95,11 +140,10 @@ def _env(threads: int):
     return env
 
 
-def run_dir_for(args, name: str, seed: int, config_seed: int) -> str:
-    """``<output>/<name>`` for the config's seed (the folders that predate --seeds), else
-    ``<output>/<name>-seed<N>``."""
-    base = os.path.join(os.path.abspath(args.output), name)
-    return base if seed == config_seed else f"{base}-seed{seed}"
+def run_dir_for(args, name: str, seed: int, steps: int, config_steps: int) -> str:
+    """``<output>/<name>-seed<N>``, with ``-steps<S>`` when the budget is not the config's."""
+    base = os.path.join(os.path.abspath(args.output), f"{name}-seed{seed}")
+    return base if steps == config_steps else f"{base}-steps{steps}"
 
 
 def train(name: str, args, steps: int, run_dir: str, seed: int) -> None:
@@ -352,6 +396,7 @@ def main(argv=None) -> int:
     from s2moe_dist.train.config import load_run_config
     run_cfg = load_run_config(args.config, [f"train.steps={args.steps}"] if args.steps else [], args.data)
     steps = run_cfg.train.steps
+    config_steps = load_run_config(args.config, [], args.data).train.steps
     load_before = common.load_average()
     seeds = args.seeds or [run_cfg.train.seed]
     runs = {}  # name -> {seed: run record}
@@ -359,7 +404,7 @@ def main(argv=None) -> int:
     # seed-major: after each seed every model has one more run, so partial results stay comparable
     for seed in seeds:
         for name in args.models:
-            run_dir = run_dir_for(args, name, seed, run_cfg.train.seed)
+            run_dir = run_dir_for(args, name, seed, steps, config_steps)
             if not args.report_only:
                 train(name, args, steps, run_dir, seed)
                 ev = evaluate(name, args, steps, run_dir)
@@ -373,7 +418,10 @@ def main(argv=None) -> int:
                 "test_characters": ev["characters_scored"], "step": ev["step"], "train": train_summary(run_dir)}
             print(f"[quality] {name} seed {seed}: test BPC "
                   + "  ".join(f"k={k}: {v:.4f}" for k, v in ev["bpc"].items()), flush=True)
-            body = write_outputs(args, run_cfg, steps, aggregate(runs, steps), load_before)
+            if not args.train_only:
+                body = write_outputs(args, run_cfg, steps, aggregate(runs, steps), load_before)
+    if args.train_only:
+        return 0 if runs else 1
     if body is None:
         return 1
     print(body, flush=True)

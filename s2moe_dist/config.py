@@ -10,6 +10,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu")
 EVAL_MODES = ("clean", "noisy")
 NOISY_ROUTING = ("own", "shared")
 UNCERTAINTY_ON = ("input", "output")
+GATES = ("learned", "fixed")  # fixed: y = 0.5 * clean + 0.5 * noisy (ablation, no gate parameters)
 ROUTER_TYPES = ("topk", "xmoe", "stablemoe")  # s2moe_dist/moe/router_variants.py
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 
@@ -78,6 +79,7 @@ class S2MoEConfig:
     noise_add_mean: bool = False
     noisy_routing: str = "own"
     uncertainty_on: str = "input"
+    gate: str = "learned"
     infonce_temperature: float = 0.1
     infonce_max_tokens: int = 1024
     balance_coef: float = 0.01
@@ -128,6 +130,7 @@ class S2MoEConfig:
         check_choice(o, "eval_mode", self.eval_mode, EVAL_MODES)
         check_choice(o, "noisy_routing", self.noisy_routing, NOISY_ROUTING)
         check_choice(o, "uncertainty_on", self.uncertainty_on, UNCERTAINTY_ON)
+        check_choice(o, "gate", self.gate, GATES)
         check_choice(o, "router_type", self.router_type, ROUTER_TYPES)
         check_int(o, "router_dim", self.router_dim, 1)
         check_float(o, "router_temperature", self.router_temperature, strict=True)

@@ -98,7 +98,8 @@ class S2MoELayer(nn.Module):
                 self.register_load_state_dict_pre_hook(_shard_full_experts)
         self.is_s2moe = cfg.moe_type == "s2moe"
         if self.is_s2moe:
-            self.gate = nn.Linear(cfg.hidden_size, 1)
+            if cfg.gate == "learned":  # gate="fixed": no parameters, g = 0.5
+                self.gate = nn.Linear(cfg.hidden_size, 1)
             self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean)
         self._dispatcher = None
         self.l_aux = torch.zeros(())
@@ -187,7 +188,7 @@ class S2MoELayer(nn.Module):
         tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
         r_clean, r_noisy, idx, w = self._route_two_streams(tokens, T, k)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
-        g = torch.sigmoid(self.gate(x))
+        g = torch.sigmoid(self.gate(x)) if cfg.gate == "learned" else x.new_full((T, 1), 0.5)
         y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
         bal_clean = self._balance(r_clean)
