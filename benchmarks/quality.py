@@ -232,7 +232,7 @@ def collect(args, run_dir: str, ev: dict, source: str) -> dict:
     import quality_report
     return {"run_dir": os.path.relpath(run_dir, ROOT), "source": source, "test_bpc": ev["bpc"],
             "test_characters": ev["characters_scored"], "step": ev["step"], "train": train_summary(run_dir),
-            "flops": quality_report.run_flops(run_dir), "collapse": quality_report.run_collapse(run_dir, args.data)}
+            "collapse": quality_report.run_collapse(run_dir, args.data)}
 
 
 def discover(output: str):

@@ -27,24 +27,14 @@ def _fmt(mean, sd) -> str:
 
 
 # ---- per run (cached in the run folder) -----------------------------------------------------
-def run_flops(run_dir: str):
-    """Counted FLOPs of one training step of the run's own config (quality_flops.py), cached."""
-    path = os.path.join(run_dir, "flops.json")
-    cached = q._read_json(path)
-    if cached:
-        return cached
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        return None
+def contestant_flops(args, name: str, steps: int, vocab_size: int):
+    """Counted FLOPs of one training step of contestant ``name`` (quality_flops.py) and of the run."""
     import quality_flops
     from s2moe_dist.train.config import load_run_config
-    run_cfg = load_run_config(cfg_path)
+    run_cfg = load_run_config(args.config, [f"train.steps={steps}", *q.contestant_overrides(name, steps)])
+    run_cfg.model.vocab_size = vocab_size
     flops = quality_flops.training_step_flops(run_cfg)
-    flops["steps"] = run_cfg.train.steps
-    flops["train_total"] = flops["total"] * run_cfg.train.steps
-    with open(path, "w") as f:
-        json.dump(flops, f, indent=2)
-    return flops
+    return {**flops, "steps": steps, "train_total": flops["total"] * steps}
 
 
 def run_collapse(run_dir: str, data: str):
@@ -91,7 +81,7 @@ def gather(args, config_steps: int, steps: int):
     return runs
 
 
-def aggregate(runs: dict, steps: int) -> dict:
+def aggregate(runs: dict, steps: int, flops=None) -> dict:
     results = {}
     for name in sorted(runs, key=_order):
         by_seed = dict(sorted(runs[name].items()))
@@ -101,7 +91,7 @@ def aggregate(runs: dict, steps: int) -> dict:
                          "seeds": [int(x) for x in by_seed],
                          "test_bpc": {k: m for k, (m, _) in stats.items()},
                          "test_bpc_std": {k: sd for k, (_, sd) in stats.items()},
-                         "runs": by_seed}
+                         "flops": flops(name) if flops else None, "runs": by_seed}
     return results
 
 
@@ -111,22 +101,25 @@ def _order(name: str):
 
 
 def paired(results, a, ka, b, kb):
+    """[(seed, a@ka - b@kb, cross)] over the seeds both have; ``cross``: the two runs come from
+    different sources (a run folder here and the previous report)."""
     if a not in results or b not in results:
         return []
-    return [(s, results[a]["runs"][s]["test_bpc"][ka] - results[b]["runs"][s]["test_bpc"][kb])
-            for s in results[a]["runs"] if s in results[b]["runs"]]
+    ra, rb = results[a]["runs"], results[b]["runs"]
+    return [(s, ra[s]["test_bpc"][ka] - rb[s]["test_bpc"][kb], ra[s].get("source") != rb[s].get("source"))
+            for s in ra if s in rb]
 
 
 def diff_line(pairs) -> str:
-    m, sd = mean_std(d for _, d in pairs)
-    per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in pairs)
+    m, sd = mean_std(d for _, d, _ in pairs)
+    per_seed = ", ".join(f"{s}{'*' if cross else ''}: {d:+.4f}" for s, d, cross in pairs)
     return f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" (by seed: {per_seed})"
 
 
 # ---- tables --------------------------------------------------------------------------------
 def _flops_cell(r):
-    f = [run.get("flops") for run in r["runs"].values() if run.get("flops")]
-    return (f"{f[0]['total'] / 1e9:.2f} / {f[0]['train_total'] / 1e12:.2f}") if f else "-"
+    f = r.get("flops")
+    return f"{f['total'] / 1e9:.2f} / {f['train_total'] / 1e12:.2f}" if f else "-"
 
 
 def _wall_cell(r):
@@ -195,8 +188,8 @@ def ablation_table(results, ks):
         claim = paired(results, name, "1", "smoe", "2")
         rows.append([f"{q.BASES[base][0]}: {q.ABLATIONS[abl][0]}", " ".join(q.ABLATIONS[abl][1]).replace("model.moe.", ""),
                      len(r["seeds"]), *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
-                     *[(f"{mean_std(x for _, x in d[k])[0]:+.4f}" if d[k] else "-") for k in (1, 2)],
-                     f"{mean_std(x for _, x in claim)[0]:+.4f}" if claim else "-"])
+                     *[(f"{mean_std(x for _, x, _ in d[k])[0]:+.4f}" if d[k] else "-") for k in (1, 2)],
+                     f"{mean_std(x for _, x, _ in claim)[0]:+.4f}" if claim else "-"])
     if not rows:
         return None
     return common.markdown_table(["ablation", "overrides", "seeds", *[f"test BPC k={k}" for k in ks],
@@ -258,8 +251,8 @@ def verdict(results) -> list:
     out = []
     claim = paired(results, *CLAIM)
     if claim:
-        m, sd = mean_std(d for _, d in claim)
-        better = sum(d < 0 for _, d in claim)
+        m, sd = mean_std(d for _, d, _ in claim)
+        better = sum(d < 0 for _, d, _ in claim)
         holds = m <= 0 or (sd is not None and abs(m) < sd)
         out.append(f"- **The paper's claim at equal training expert rows** (S2MoE trained top-1 with ONE expert at "
                    f"inference vs SMoE top-2 with two): {diff_line(claim)} BPC, S2MoE better on {better} of "
@@ -276,8 +269,7 @@ def verdict(results) -> list:
         p = paired(results, "s2moe", k, "smoe", k)
         if p:
             out.append(f"- S2MoE top-2 minus SMoE top-2 at eval_k={k} (S2MoE with twice the expert rows): {diff_line(p)}")
-    fl = {n: next((run["flops"] for run in results[n]["runs"].values() if run.get("flops")), None)
-          for n in ("smoe", "s2moe-top1", "s2moe") if n in results}
+    fl = {n: results[n].get("flops") for n in ("smoe", "s2moe-top1", "s2moe") if n in results}
     if fl.get("smoe") and fl.get("s2moe-top1"):
         a, b = fl["s2moe-top1"], fl["smoe"]
         out.append(f"- FLOPs: S2MoE trained top-1 routes as many expert rows per step as SMoE top-2 "
@@ -293,7 +285,7 @@ def verdict(results) -> list:
             base = q.split_name(n)[0]
             d = paired(results, n, k, base, k)
             if d:
-                scored.append((mean_std(x for _, x in d)[0], n, len(d)))
+                scored.append((mean_std(x for _, x, _ in d)[0], n, len(d)))
         if scored:
             best = min(scored)
             worst = max(scored)
@@ -302,13 +294,33 @@ def verdict(results) -> list:
                        + ", ".join(f"{n} {d:+.4f}" for d, n, _ in sorted(scored)))
     vs_smoe = {n: paired(results, n, "1", "smoe", "2") for n, _ in abls}
     vs_smoe = {n: p for n, p in vs_smoe.items() if p}
-    closes = [n for n, p in vs_smoe.items() if mean_std(x for _, x in p)[0] <= 0]
+    closes = [n for n, p in vs_smoe.items() if mean_std(x for _, x, _ in p)[0] <= 0]
     if vs_smoe:
         out.append("- Does any setting close the k=1 gap to SMoE top-2? "
                    + (f"yes on the mean: {', '.join(closes)}" if closes else "no ablation did (k=1 minus SMoE top-2 "
                       "k=2 > 0 for all of them)")
                    + ". Defaults unchanged: an ablation run on one seed is not evidence enough to change one "
                      "(the seed-to-seed sd of a contestant is ~0.01 BPC).")
+    if any(cross for r in (claim,) for _, _, cross in r) or any(
+            run.get("source", "run folder") != "run folder" for r in results.values() for run in r["runs"].values()):
+        out.append("- `*`: a pair of one run folder of this code and one run of the previous report (older layer "
+                   "code, not bitwise the same training; see the reproduction line below).")
+    return out
+
+
+def reproduction(results, args) -> list:
+    """Runs of this code next to the previous report's runs of the same contestant and seed."""
+    prev = q._read_json(args.previous) if getattr(args, "previous", None) else None
+    if not prev:
+        return []
+    out = []
+    for name, r in results.items():
+        for seed, run in r["runs"].items():
+            old = prev["results"].get(name, {}).get("runs", {}).get(seed)
+            if old and run.get("source") == "run folder":
+                cells = ", ".join(f"k={k} {run['test_bpc'][k]:.4f} (previous {old['test_bpc'][k]:.4f})"
+                                  for k in run["test_bpc"])
+                out.append(f"- reproduction: {name} seed {seed} rerun on this code: {cells}")
     return out
 
 
@@ -346,7 +358,7 @@ def report(args, steps, results, meta) -> str:
         "", "### Contestants (Figure 1)", "",
         contestant_table(results, ks, ref_wall), "",
         f"![BPC vs experts at inference]({os.path.relpath(os.path.abspath(args.png), os.path.dirname(common.RESULTS))})",
-        "", "### Paired differences by seed, and the verdict", "", *verdict(results),
+        "", "### Paired differences by seed, and the verdict", "", *verdict(results), *reproduction(results, args),
     ]
     abl = ablation_table(results, ks)
     if abl:
@@ -382,7 +394,10 @@ def main(args, run_cfg, config_steps) -> int:
     if not runs:
         print(f"[quality] no finished runs of {steps} steps under {args.output}", file=sys.stderr)
         return 1
-    results = aggregate(runs, steps)
+    from s2moe_dist.data import load_corpus
+    d = run_cfg.data
+    vocab = load_corpus(args.data, kind=d.kind, split=tuple(d.split), cache_dir=d.cache_dir).vocab_size
+    results = aggregate(runs, steps, lambda name: contestant_flops(args, name, steps, vocab))
     m = run_cfg.model
     first = next(run for r in results.values() for run in r["runs"].values())
     meta = {"machine": common.machine(), "date": common.now(), "command": common.command_line(),
