@@ -230,9 +230,14 @@ def plot(results, ks, path, title):
         ys = [r["test_bpc"][str(k)] for k in ks]
         err = [r["test_bpc_std"][str(k)] for k in ks]
         n = len(r["seeds"])
+        old = sum(run.get("source", "run folder") != "run folder" for run in r["runs"].values())
+        note = "" if not old else (", previous report" if old == n else f", {old} from the previous report")
         ax.errorbar(ks, ys, yerr=None if None in err else err, marker="o", capsize=3,
                     linestyle="--" if _trained_k(name) == 1 else "-",
-                    label=f"{r['label']} ({n} seed{'s' if n > 1 else ''}{', mean ± sd' if n > 1 else ''})")
+                    label=f"{r['label']} ({n} seed{'s' if n > 1 else ''}{', mean ± sd' if n > 1 else ''}{note})")
+    if "smoe" in results and "2" in results["smoe"]["test_bpc"]:  # the bar of the paper's claim
+        ax.axhline(results["smoe"]["test_bpc"]["2"], color="grey", linestyle=":", linewidth=1,
+                   label="SMoE top-2 at k=2")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
