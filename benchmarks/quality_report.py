@@ -133,15 +133,16 @@ def _trained_k(name):
 
 def bpc_at_wall(run: dict, wall: float, k: str):
     """Validation BPC (k) the run had reached after ``wall`` seconds of its own training, from its
-    eval curve (linear in steps between evals; steps taken as evenly timed). None past its end."""
+    eval curve (linear in steps between evals; steps taken as evenly timed); a run finished by
+    then gives its last value, a time before its first eval None."""
     curve = run["train"].get("eval_curve") or {}
     own = run["train"].get("train_wall_s")
     pts = sorted((int(s), v.get(f"eval/bpc_k{k}")) for s, v in curve.items() if v.get(f"eval/bpc_k{k}") is not None)
     if not pts or not own:
         return None
     step = wall / own * run["step"]
-    if step > pts[-1][0] + 1e-9:
-        return None
+    if step >= pts[-1][0]:  # finished by then: its final value
+        return pts[-1][1]
     prev = (pts[0][0], pts[0][1])
     if step <= prev[0]:
         return None
@@ -283,6 +284,17 @@ def verdict(results) -> list:
                    f"GFLOPs): the dense part counted {a['counted'] / b['counted']:.2f}x, mostly the InfoNCE "
                    "similarity matrices (infonce_max_tokens x infonce_max_tokens x d per layer) and the gate; "
                    "at this model size they cost as much as the rest of the dense model.")
+    col = {n: [run["collapse"]["layers"] for run in results[n]["runs"].values() if run.get("collapse")]
+           for n in ("smoe", "s2moe-top1", "s2moe") if n in results}
+    col = {n: v for n, v in col.items() if v}
+    if "smoe" in col and len(col) > 1:
+        def cells(n):
+            return "; ".join(f"layer {i}: cosine {statistics.fmean(p[i]['expert_cosine'] for p in col[n]):.3f}, "
+                             f"rank {statistics.fmean(p[i]['expert_effective_rank'] for p in col[n]):.2f}"
+                             for i in sorted(col[n][0]))
+        out.append("- Collapse (final checkpoints, mean over the seeds measured): "
+                   + " | ".join(f"{q.label(n)} ({len(col[n])} seed(s)): {cells(n)}" for n in col)
+                   + ". Higher cosine / lower rank = more alike experts.")
     abls = [(n, r) for n, r in results.items() if "." in n]
     for k in ("1", "2"):
         scored = []
@@ -353,7 +365,7 @@ def report(args, steps, results, meta) -> str:
         "under `nice -n 15` on a 2-core machine shared with other jobs (two quality runs at a time plus other "
         "engineers' work): a rough cost figure, not a speed benchmark. The same-wall-clock column reads each "
         "run's validation BPC (k=1, 128 windows, from its eval curve every 250 steps) after the mean SMoE top-2 "
-        "training time, taking the steps as evenly timed; '-' where the run ended sooner",
+        "training time, taking the steps as evenly timed (a run that finished sooner: its final value)",
         f"- run sources: {', '.join(sources)}"
         + (" (the previous report's runs, taken where this report has no run folder for that contestant and "
            "seed; their code predates the current layer, see below)" if len(sources) > 1 else ""),

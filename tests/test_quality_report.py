@@ -33,11 +33,11 @@ def test_paired_differences_by_seed_mark_pairs_across_sources():
     assert quality_report.diff_line(pairs).startswith("+0.0000 ± 0.1414 (by seed: 1: -0.1000, 2*: +0.1000)")
 
 
-def test_bpc_at_wall_interpolates_the_eval_curve_and_refuses_to_extrapolate():
+def test_bpc_at_wall_interpolates_the_eval_curve():
     curve = {"250": {"eval/bpc_k1": 3.0}, "500": {"eval/bpc_k1": 2.0}, "1000": {"eval/bpc_k1": 1.0}}
     run = _run({}, wall=100.0, curve=curve)  # 1000 steps in 100 s: 10 steps/s
     assert quality_report.bpc_at_wall(run, 37.5, "1") == pytest.approx(2.5)
     assert quality_report.bpc_at_wall(run, 75.0, "1") == pytest.approx(1.5)
     assert quality_report.bpc_at_wall(run, 100.0, "1") == pytest.approx(1.0)
-    assert quality_report.bpc_at_wall(run, 120.0, "1") is None
+    assert quality_report.bpc_at_wall(run, 120.0, "1") == pytest.approx(1.0)  # finished by then
     assert quality_report.bpc_at_wall(run, 10.0, "1") is None  # before the first eval
