@@ -390,11 +390,47 @@ def report(args, steps, results, meta) -> str:
                   "rank of the stacked outputs (1 = collapsed, 8 = all experts different); "
                   "`python -m s2moe_dist.train.collapse_eval RUN --data TEXT8`, the same numbers s2moe-train logs "
                   "as `moe/layer{i}/expert_cosine` / `expert_effective_rank` (docs/diagnostics.md).", "", col]
+    if meta.get("longer"):
+        parts += ["", "### Longer runs", "",
+                  "The same contestants trained for more steps (cosine schedule over the longer budget): does "
+                  "the k=1 gap shrink with training?", "", longer_table(meta["longer"], ks)]
     parts += ["", "### Each run", "", seed_table(results, ks)]
     if meta.get("pending"):
         parts += ["", "Runs not finished when this section was written (their folders under `runs/quality/`): "
                   + ", ".join(f"`{p}`" for p in meta["pending"]) + "; rerun the command above when they finish."]
     return "\n".join(parts)
+
+
+def gather_longer(args, config_steps: int, steps: int):
+    """{steps: results} for the run folders trained for a budget other than ``steps``."""
+    found = q.discover(os.path.abspath(args.output))
+    budgets = sorted({s for seeds in found.values() for s in seeds.values() if s and s != steps})
+    out = {}
+    for budget in budgets:
+        runs = {}
+        for name, seeds in found.items():
+            for seed, s in seeds.items():
+                if s == budget:
+                    run_dir = q.run_dir_for(args, name, seed, budget, config_steps)
+                    ev = q._read_json(os.path.join(run_dir, "test_eval.json"))
+                    runs.setdefault(name, {})[str(seed)] = {
+                        "run_dir": os.path.relpath(run_dir, q.ROOT), "source": "run folder", "test_bpc": ev["bpc"],
+                        "test_characters": ev["characters_scored"], "step": ev["step"],
+                        "train": q.train_summary(run_dir), "collapse": None}
+        out[str(budget)] = aggregate(runs, budget)
+    return out
+
+
+def longer_table(longer, ks):
+    rows = []
+    for budget, results in longer.items():
+        claim = paired(results, *CLAIM)
+        for name, r in results.items():
+            rows.append([budget, r["label"], len(r["seeds"]),
+                         *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
+                         diff_line(claim) if claim and name == CLAIM[0] else ""])
+    return common.markdown_table(["steps", "contestant", "seeds", *[f"test BPC k={k}" for k in ks],
+                                  "S2MoE trained top-1 k=1 minus SMoE top-2 k=2"], rows)
 
 
 def pending(output: str):
@@ -424,6 +460,7 @@ def main(args, run_cfg, config_steps) -> int:
             "model_desc": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
                           f"{m.moe['num_experts']} experts of hidden {m.moe['ffn_hidden_size']}",
             "pending": pending(os.path.abspath(args.output)), "eval_k": sorted(args.eval_k),
+            "longer": gather_longer(args, config_steps, steps),
             "config": os.path.relpath(args.config, q.ROOT)}
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "quality.json"), "w") as f:
