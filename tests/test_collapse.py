@@ -85,6 +85,7 @@ class _Wrap(torch.nn.Module):
         return self.layer(x)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(DATA), reason="needs ../shared/data/text8-head-12.5M.gz")
 def test_s2moe_train_logs_the_collapse_tags_at_every_eval(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
