@@ -223,6 +223,7 @@ def train_summary(run_dir: str) -> dict:
     return {"median_train_tokens_per_s": statistics.median(tps) if tps else None,
             "last_train_loss_task": last.get("train/loss_task"),
             "valid_bpc": final.get("bpc_valid"), "train_wall_s": timing.get("train_wall_s"),
+            "gate_mean": {k: v for k, v in last.items() if k.endswith("/gate_mean")},
             "eval_curve": {str(s): {k: v for k, v in r.items() if k.startswith("eval/")}
                            for s, r in sorted(rows.items()) if any(k.startswith("eval/") for k in r)}}
 

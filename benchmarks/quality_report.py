@@ -295,6 +295,15 @@ def verdict(results) -> list:
         out.append("- Collapse (final checkpoints, mean over the seeds measured): "
                    + " | ".join(f"{q.label(n)} ({len(col[n])} seed(s)): {cells(n)}" for n in col)
                    + ". Higher cosine / lower rank = more alike experts.")
+    gates = [run["train"].get("gate_mean") for run in results.get("s2moe-top1", {}).get("runs", {}).values()
+             if run.get("source") == "run folder" and run["train"].get("gate_mean")]
+    if gates:
+        tags = sorted(gates[0])
+        out.append("- The learned gate of S2MoE trained top-1 at the end of training (weight of the clean stream, "
+                   f"mean over {len(gates)} seed(s)): "
+                   + ", ".join(f"{t.split('/')[1]} {statistics.fmean(g[t] for g in gates):.3f}" for t in tags)
+                   + ": the model nearly switches the noisy stream off; a fixed 0.5 gate forces it in "
+                     "(see the ablations).")
     abls = [(n, r) for n, r in results.items() if "." in n]
     for k in ("1", "2"):
         scored = []
