@@ -63,6 +63,7 @@ class TrainConfig:
     # or gone) instead of hanging; NaN/Inf steps are skipped, this many in a row stop the run
     collective_timeout_s: float = 600.0
     max_consecutive_nonfinite: int = 5
+    allow_tf32: bool = True  # fp32 matmuls on TensorFloat-32 tensor cores (CUDA only; train/precision.py)
 
     def validate(self, model: ModelConfig) -> None:
         o = "train"
@@ -83,6 +84,7 @@ class TrainConfig:
         check_float(o, "eps", self.eps, strict=True)
         check_float(o, "grad_clip", self.grad_clip)
         check_bool(o, "progress", self.progress)
+        check_bool(o, "allow_tf32", self.allow_tf32)
         check_float(o, "collective_timeout_s", self.collective_timeout_s, strict=True)
         if self.collective_timeout_s == float("inf"):
             raise config_error(o, "collective_timeout_s", self.collective_timeout_s,

@@ -37,6 +37,7 @@ from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
 from .nonfinite import NonFiniteGuard
+from .precision import apply_tf32
 from .signals import SignalFlags
 
 CKPT_SUBDIR = "checkpoints"
@@ -197,6 +198,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.s.launch)
         t, m = self.t, self.run_cfg.model
+        self.tf32 = apply_tf32(self.device, t.allow_tf32)  # CUDA only: fp32 GEMMs on tensor cores
         if faults.active():
             faults.at_start(self.rank)
         if self._exit_requested_at_start():  # before the slow part (model, engine, resume)
