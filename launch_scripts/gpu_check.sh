@@ -12,9 +12,11 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/common.sh"
-if [ -z "${VIRTUAL_ENV:-}" ]; then activate_venv; fi
+# the project's venv where there is one; else the python on PATH (S2MOE_PYTHON to choose)
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "${S2MOE_VENV:-$S2MOE_ROOT/.venv}/bin/activate" ]; then activate_venv; fi
+PY="${S2MOE_PYTHON:-$(command -v python || command -v python3)}"
 cd "$S2MOE_ROOT"
 export PYTHONPATH="$S2MOE_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # a hard stop a little above the script's own 420 s budget: a hung check cannot hold the GPU
 exec timeout --signal=TERM --kill-after=15 "${S2MOE_GPU_CHECK_TIMEOUT_S:-450}" \
-  python "$S2MOE_ROOT/benchmarks/gpu_check.py" "$@"
+  "$PY" "$S2MOE_ROOT/benchmarks/gpu_check.py" "$@"

@@ -54,3 +54,14 @@ def test_one_trainer_step_on_cuda(monkeypatch, tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_training_batches_are_pinned_for_non_blocking_copies():
+    import numpy as np
+
+    from s2moe_dist.data import ShardedBatches
+    tokens = np.arange(4000, dtype=np.int64) % 27
+    x, y = next(ShardedBatches(tokens, 16, 4, pin_memory=True))
+    assert x.is_pinned() and y.is_pinned()
+    plain = next(ShardedBatches(tokens, 16, 4))
+    assert torch.equal(plain[0], x) and torch.equal(plain[1], y)  # same batch, other memory
