@@ -7,7 +7,7 @@
 
 Bad arguments and configs exit with status 2 and one line naming the field and the fix.
 s2moe-train: 3 when NaN/Inf steps stopped the run, 4 when a checkpoint could not be written
-(README_reliability); SIGTERM (from CLI entry on, start-up included) checkpoints and exits 0.
+(docs/operations.md#exit-codes); SIGTERM (from CLI entry on, start-up included) checkpoints and exits 0.
 """
 from __future__ import annotations
 

@@ -59,8 +59,9 @@ class TrainConfig:
     ckpt_every: int = 100  # 0: only at the end and on signals
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0: keep all
     progress: bool = True  # tqdm bar on rank 0
-    # reliability (README_reliability): a collective waiting longer than this raises (a rank hung
-    # or gone) instead of hanging; NaN/Inf steps are skipped, this many in a row stop the run
+    # reliability (docs/operations.md#failures-what-happens-what-to-do): a collective waiting
+    # longer than this raises (a rank hung or gone) instead of hanging; NaN/Inf steps are
+    # skipped, this many in a row stop the run
     collective_timeout_s: float = 600.0
     max_consecutive_nonfinite: int = 5
 
