@@ -15,17 +15,16 @@ from s2moe_dist import S2MoE, s2moe_aux_loss
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="training steps")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size d")
     args = p.parse_args(argv)
     torch.manual_seed(0)
 
-    moe = S2MoE(hidden_size=args.hidden, num_experts=16, k=2, ffn_hidden_size=2 * args.hidden, activation="gelu")
+    moe = S2MoE(hidden_size=256, num_experts=16, k=2, ffn_hidden_size=512, activation="gelu")
     model = torch.nn.ModuleDict({"ffn": moe})          # stands for your model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(args.steps):
-        x = torch.randn(4, 32, args.hidden)
-        y, l_aux, exp_counts = moe(x)                  # x: [..., d] -> y: same shape
-        loss = y.pow(2).mean() + s2moe_aux_loss(model)  # task loss + alpha*L_bal + beta*L_u
+        x = torch.randn(4, 32, 256)
+        y, l_aux, exp_counts = moe(x)                      # x: [..., 256] -> y: same shape
+        loss = y.pow(2).mean() + s2moe_aux_loss(model)     # task loss + alpha*L_bal + beta*L_u of every S2MoE layer
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -35,7 +34,7 @@ def main(argv=None):
     moe.eval()
     moe.config.eval_k = 1                              # one expert per token at inference
     with torch.no_grad():
-        y, _, counts = moe(torch.randn(2, 8, args.hidden))
+        y, _, counts = moe(torch.randn(2, 8, 256))
     print(f"eval (clean stream, eval_k=1): output {tuple(y.shape)}, {int(counts.sum())} slots")
 
 

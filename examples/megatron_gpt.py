@@ -31,46 +31,45 @@ class CPUCoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
-def init_single_process():
-    """A one-rank process group (gloo on CPU), as torchrun would set it up."""
-    if not torch.distributed.is_initialized():
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                             rank=int(os.environ.get("RANK", 0)),
-                                             world_size=int(os.environ.get("WORLD_SIZE", 1)))
+def set_rendezvous_defaults():
+    """One rank on this host unless a launcher (torchrun) set the rendezvous already."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
+def use_cpu_attention(model):
+    """Megatron's DotProductAttention allocates on CUDA: a plain causal attention on CPUs."""
+    for layer in model.decoder.layers:
+        layer.self_attention.core_attention = CPUCoreAttention(None, None, None, None)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="training steps")
     args = p.parse_args(argv)
+    set_rendezvous_defaults()
 
+    import torch
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
-
     from s2moe_dist.integrations.megatron import get_s2moe_block_spec
 
-    init_single_process()
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")   # as under torchrun
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                               use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                               gradient_accumulation_fusion=False)
-    base = get_gpt_layer_local_spec()
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    block = get_s2moe_block_spec(config.num_layers, {"num_experts": 4, "k": 2}, moe_every=2)  # S2MoE in layers 1, 3, ...
+    model = GPTModel(config, transformer_layer_spec=block, vocab_size=64, max_sequence_length=16)
+
     if not torch.cuda.is_available():
-        base.submodules.self_attention.submodules.core_attention = CPUCoreAttention
-    block = get_s2moe_block_spec(config.num_layers, {"num_experts": 4, "k": 2}, moe_every=2,
-                                 base_spec=base)      # S2MoE in layers 1, 3, ...
-    vocab, seq, batch = 64, 16, 4
-    torch.manual_seed(0)
-    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=vocab, max_sequence_length=seq,
-                     position_embedding_type="learned_absolute")
+        use_cpu_attention(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    vocab, seq, batch = 64, 16, 4
     for step in range(args.steps):
         tokens = torch.randint(0, vocab, (batch, seq))
         position_ids = torch.arange(seq).expand(batch, seq)

@@ -25,7 +25,7 @@ def _run(cmd, timeout=400):
 
 
 def test_layer_only():
-    out, losses = _run([sys.executable, "examples/layer_only.py", "--steps", "2", "--hidden", "32"])
+    out, losses = _run([sys.executable, "examples/layer_only.py", "--steps", "2"])
     assert len(losses) == 2 and "eval (clean stream, eval_k=1)" in out
 
 
@@ -33,8 +33,8 @@ def test_layer_only():
 def test_deepspeed_ep2_under_the_deepspeed_launcher():
     pytest.importorskip("deepspeed")
     out, losses = _run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                        "examples/deepspeed_ep2.py", "--steps", "2"])
-    assert len(losses) == 2 and "world 2, ep_size 2, local experts 2" in out
+                        "examples/deepspeed_ep2.py"])
+    assert len(losses) == 3 and "world 2, local experts 2" in out
 
 
 @pytest.mark.slow
@@ -42,3 +42,20 @@ def test_megatron_gpt_with_the_s2moe_spec():
     pytest.importorskip("megatron.core")
     out, losses = _run([sys.executable, "examples/megatron_gpt.py", "--steps", "2"])
     assert len(losses) == 2 and "layer 1 MLP: S2MoEMLP" in out
+
+
+def _code_lines(text):
+    """Code lines without comments and indentation (a snippet's lines, wherever the script has them)."""
+    lines = (line.split("  #")[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("index,example", [(0, "layer_only.py"), (1, "deepspeed_ep2.py"), (2, "megatron_gpt.py")])
+def test_readme_snippets_are_the_examples(index, example):
+    """Every line of the README's python snippets is in the example the tests run."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(snippets) == 3
+    script = set(_code_lines(open(os.path.join(ROOT, "examples", example), encoding="utf-8").read()))
+    missing = [line for line in _code_lines(snippets[index]) if line not in script]
+    assert not missing, f"README snippet {index + 1} lines not in examples/{example}: {missing}"
