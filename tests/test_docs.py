@@ -37,8 +37,9 @@ def headings(page: str):
 
 # ---- the site ------------------------------------------------------------------------------------
 def test_mkdocs_build_strict(tmp_path):
-    pytest.importorskip("mkdocs", reason="the docs extra is missing: pip install -e '.[docs]' "
-                                         "(launch_scripts/setup_env.sh installs it)")
+    import importlib.util
+    assert importlib.util.find_spec("mkdocs") and importlib.util.find_spec("mkdocstrings"), \
+        "the docs extra is missing: pip install -e '.[docs]' (launch_scripts/setup_env.sh installs it)"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f",
                            os.path.join(ROOT, "mkdocs.yml"), "-d", str(tmp_path / "site")],

@@ -20,7 +20,10 @@ from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (module, class, page under ROOT)
-TABLES = [("s2moe_dist.config", "S2MoEConfig", "docs/layer.md")]
+TABLES = [("s2moe_dist.config", "S2MoEConfig", "docs/layer.md"),
+          ("s2moe_dist.model.config", "ModelConfig", "docs/training.md"),
+          ("s2moe_dist.train.config", "TrainConfig", "docs/training.md"),
+          ("s2moe_dist.train.config", "DataConfig", "docs/training.md")]
 
 
 def attribute_docs(cls) -> Dict[str, str]:
