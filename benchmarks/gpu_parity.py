@@ -140,12 +140,17 @@ def compare_layer(mode: Mode, device, perturb: float = 0.0) -> Dict[str, object]
 
 
 def census_class():
-    """SyncCensus, or None where this tree does not have it yet."""
+    """SyncCensus, or None where this tree does not have it (a module found in another checkout,
+    e.g. through an editable install, would count another tree's layer: not used)."""
+    import os
+
+    import s2moe_dist
     try:
-        from s2moe_dist.testing.sync_census import SyncCensus
+        from s2moe_dist.testing import sync_census
     except ImportError:
         return None
-    return SyncCensus
+    here = os.path.dirname(os.path.abspath(s2moe_dist.__file__)) + os.sep
+    return sync_census.SyncCensus if os.path.abspath(sync_census.__file__).startswith(here) else None
 
 
 def layer_train_step(mode: Mode, device, seed: int = 0):

@@ -42,6 +42,7 @@ def test_one_trainer_step_on_cuda(monkeypatch, tmp_path):
                      overrides=["train.steps=1", "train.progress=false", "train.batch_size=8"],
                      output=str(tmp_path / "run"))
     trainer = Trainer(setup(args))
+    saved = dict(os.environ)  # the process group exports RANK, MASTER_PORT, ...
     try:
         trainer.start()
         assert trainer.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32  # train.allow_tf32
@@ -54,6 +55,8 @@ def test_one_trainer_step_on_cuda(monkeypatch, tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_training_batches_are_pinned_for_non_blocking_copies():

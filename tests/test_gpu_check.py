@@ -58,12 +58,15 @@ def test_eval_scores_a_bf16_checkpoint_in_bf16_like_the_trainer(dry_run):
     _, out = dry_run
     (run,) = glob.glob(str(out / "gpu_check_run_*"))
     final = json.load(open(os.path.join(run, "final_eval.json")))
+    saved = dict(os.environ)  # the 1-process group exports RANK, MASTER_PORT, ...
     try:
         auto = evaluate_checkpoint(run, split="valid", max_windows=16)
         fp32 = evaluate_checkpoint(run, split="valid", max_windows=16, dtype="fp32")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
     assert auto["dtype"] == "bfloat16" and fp32["dtype"] == "float32"
     for k, v in final["bpc_valid"].items():
         assert abs(auto["bpc"][k] - v) < 1e-6  # the trainer evaluated the same windows in bf16
