@@ -14,9 +14,11 @@ general index_select / index_add path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+from .router import expert_counts
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -123,14 +125,21 @@ class SortedSlots:
         return self.token_weights.reshape(-1)[self.order]
 
 
-def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> SortedSlots:
-    """Sort the [N, k] slots by expert (stable: token order within an expert); drop -1 slots."""
+def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: int,
+               num_dropped: Optional[Union[int, torch.Tensor]] = None) -> SortedSlots:
+    """Sort the [N, k] slots by expert (stable: token order within an expert); drop -1 slots.
+
+    ``num_dropped``: the routing's count of -1 slots (``Routing.num_dropped``). The int 0 (dropless)
+    costs no host sync; a tensor, or None (counted here), is read once to size the kept slots."""
     n, k = dispatch_idx.shape
     flat_e = dispatch_idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e[flat_e >= 0], minlength=num_experts)
-    dropped = flat_e.numel() - int(counts.sum())
-    order = order[dropped:]  # -1 (dropped) slots sort first
+    counts = expert_counts(flat_e, num_experts)
+    if num_dropped is None:
+        num_dropped = flat_e.numel() - counts.sum()
+    dropped = int(num_dropped)  # a host sync unless the routing is dropless (a Python int)
+    if dropped:
+        order = order[dropped:]  # -1 (dropped) slots sort first
     return SortedSlots(order=order, counts=counts, k=k, token_weights=weights,
                        inverse=None if dropped else inverse_permutation(order))
 
@@ -158,7 +167,8 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts):
-        slots = sort_slots(dispatch_idx, weights, self.num_experts)
+    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts,
+                 num_dropped=None):
+        slots = sort_slots(dispatch_idx, weights, self.num_experts, num_dropped)
         expert_out = experts(gather_tokens(tokens, slots), slots.counts)
         return combine(expert_out, slots, tokens.shape[0]), slots.counts
