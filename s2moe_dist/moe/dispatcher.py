@@ -77,7 +77,8 @@ def _sum_over_slots(rows: torch.Tensor, k: int) -> torch.Tensor:
 
 class _WeightedSlotSum(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * rows[t*k + j] for token-major rows [N*k, d] and weights [N, k];
-    the backward writes each slot's gradient into one [N*k, d] buffer (no zero fill)."""
+    the backward writes each slot's gradient into one [N*k, d] buffer (no zero fill, no ``out=`` into
+    strided views, which torch.compile refuses)."""
 
     @staticmethod
     def forward(ctx, rows, w):
@@ -95,11 +96,8 @@ class _WeightedSlotSum(torch.autograd.Function):
         n, k = w.shape
         r = rows.view(n, k, rows.shape[-1])
         grad_rows = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = torch.empty_like(rows)
-            g3 = grad_rows.view(n, k, rows.shape[-1])
-            for j in range(k):
-                torch.mul(grad, w[:, j:j + 1], out=g3[:, j])
+        if ctx.needs_input_grad[0]:  # one broadcast multiply into the [N, k, d] buffer
+            grad_rows = (grad.unsqueeze(1) * w.unsqueeze(-1)).view(n * k, rows.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = torch.stack([(grad * r[:, j]).sum(dim=-1) for j in range(k)], dim=1)
         return grad_rows, grad_w

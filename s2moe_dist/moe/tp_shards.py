@@ -45,7 +45,8 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, swig
         width = full.shape[-1]
         if width % (2 * tp_size if swiglu else tp_size):
             raise ValueError(f"{name} width {width} cannot be split over tp_size={tp_size}")
-        return full.index_select(full.dim() - 1, _columns(width, tp_rank, tp_size, swiglu)).contiguous()
+        cols = _columns(width, tp_rank, tp_size, swiglu).to(full.device)  # arange follows the default device
+        return full.index_select(full.dim() - 1, cols).contiguous()
     if name == "w2":
         rows = full.shape[-2]
         if rows % tp_size:
