@@ -4,9 +4,9 @@ losses and every gradient equal eager's (bf16 and fp32, train and eval, S2MoE an
 fp32 exercises the grouped GEMM as the project's custom op (aten._grouped_mm's shape kernel takes
 only bf16); bf16 keeps aten._grouped_mm in the graph. The matrix runs under the ``aot_eager``
 backend: dynamo with fullgraph, fake-tensor shape propagation and AOT autograd's joint
-forward/backward graph, without inductor's code generation (minutes per graph on CPU); the slow
-tests run inductor itself on one training step per dtype. ``fallback_random``: inductor's own RNG
-would draw different noise than eager.
+forward/backward graph, without inductor's code generation (minutes per graph on CPU); one slow
+test runs inductor itself on an fp32 training step (the custom op through inductor's codegen).
+``fallback_random``: inductor's own RNG would draw different noise than eager.
 """
 import itertools
 
@@ -71,7 +71,7 @@ def test_fullgraph_matches_eager(dtype_name, moe_type, k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype_name, moe_type, k", [("fp32", "s2moe", 2), ("bf16", "s2moe", 1)])
+@pytest.mark.parametrize("dtype_name, moe_type, k", [("fp32", "s2moe", 2)])
 def test_fullgraph_inductor_matches_eager(dtype_name, moe_type, k):
     layer = _layer(moe_type, k, DTYPES[dtype_name])
     compiled = torch.compile(layer, fullgraph=True)
