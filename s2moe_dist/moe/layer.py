@@ -119,7 +119,9 @@ class S2MoELayer(nn.Module):
         return self._dispatcher
 
     def set_dispatcher(self, dispatcher) -> None:
-        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here."""
+        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here; it is
+        called as ``dispatcher(tokens, dispatch_idx, weights, experts, num_dropped=...)`` with the
+        routing's dropped-slot count (the int 0 when dropless: no host read needed)."""
         self._dispatcher = dispatcher
 
     def dispatcher_for(self, ep_group):
