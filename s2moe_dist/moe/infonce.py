@@ -41,7 +41,7 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pair, temperature: float):
         S = pair.shape[1]
-        f = pair.to(torch.promote_types(pair.dtype, torch.float32))
+        f = pair.to(torch.float64 if pair.dtype == torch.float64 else torch.float32)
         n = torch.linalg.vector_norm(f, dim=-1, keepdim=True).clamp_min_(_NORM_EPS)
         u = f / n
         zero = u.new_zeros(()).expand(S, S)  # addmm's input, weighted 0 (zeros, not empty: 0 * NaN is NaN)

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import S2MoEConfig
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
-from .infonce import infonce_accuracy, infonce_loss_stacked
+from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
 from .losses import balance_loss
 from .mix import gated_mix
 from .noise import GaussianNoise
@@ -187,7 +187,9 @@ class S2MoELayer(nn.Module):
         gen = None
         if not self.training:  # eval_mode="noisy": seeded, reproducible noise
             gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
-        tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
+        # [2T, d]: x, then x_hat = n1 * x + n2; in training also InfoNCE's sample of the input rows
+        sample = cfg.infonce_max_tokens if self.training and cfg.uncertainty_on == "input" else None
+        tokens = self.noise(x, generator=gen, stacked=True, sample_tokens=sample)
         r_clean, r_noisy, idx, w, joint = self._route_two_streams(tokens, T, k)
         out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
         g = torch.sigmoid(self.gate(x))
@@ -203,7 +205,11 @@ class S2MoELayer(nn.Module):
         if self.training:
             stacked = tokens if cfg.uncertainty_on == "input" else out  # [2T, d]: clean rows, then noisy
             z, z_hat = stacked[:T], stacked[T:]
-            self.uncertainty_loss = infonce_loss_stacked(stacked, cfg.infonce_temperature, cfg.infonce_max_tokens)
+            if self.noise.sampled_pair is not None:  # sampled by the noise module (its backward adds the grads)
+                self.uncertainty_loss = infonce_pair(self.noise.sampled_pair, cfg.infonce_temperature)
+            else:
+                self.uncertainty_loss = infonce_loss_stacked(stacked, cfg.infonce_temperature,
+                                                             cfg.infonce_max_tokens)
         else:
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)

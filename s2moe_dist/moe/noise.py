@@ -48,6 +48,29 @@ class _StackedStreams(torch.autograd.Function):
         return torch.addcmul(g[:T], g[T:], jac), None, None, None
 
 
+class _StackedStreamsSampled(torch.autograd.Function):
+    """``_StackedStreams`` that also returns the rows ``rows`` of both streams, [2, S, d] (the InfoNCE
+    sample). Their gradient is index-added into the streams' gradient here, instead of autograd
+    zero-filling a [2T, d] gradient for the gather and adding it to the dispatcher's."""
+
+    @staticmethod
+    def forward(ctx, x, n1, n2, jac, rows):
+        T = x.shape[0]
+        out = x.new_empty((2 * T,) + tuple(x.shape[1:]))
+        out[:T].copy_(x)
+        _noisy(x, n1, n2, out=out[T:])
+        pair = out.view(2, T, -1).index_select(1, rows)
+        ctx.save_for_backward(jac, rows)
+        return out, pair
+
+    @staticmethod
+    def backward(ctx, g, g_pair):
+        jac, rows = ctx.saved_tensors
+        T = jac.shape[0]
+        g = g.reshape(2, T, -1).index_add(1, rows, g_pair.reshape(2, rows.shape[0], -1))
+        return torch.addcmul(g[0], g[1], jac).reshape(jac.shape), None, None, None, None
+
+
 class _OneDrawNoise(torch.autograd.Function):
     """x + n2 with d/dx = jac (the one-draw x_hat, not stacked)."""
 
@@ -71,6 +94,7 @@ class GaussianNoise(nn.Module):
         self.add_std = float(add_std)
         self.add_mean = bool(add_mean)
         self.draws = int(draws)
+        self.sampled_pair: Optional[torch.Tensor] = None
 
     @property
     def is_identity(self) -> bool:
@@ -126,11 +150,21 @@ class GaussianNoise(nn.Module):
         return n2, jac
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
-                stacked: bool = False) -> torch.Tensor:
-        """x_hat, or with ``stacked`` (x of shape [T, d]) the [2T, d] buffer [x; x_hat]."""
+                stacked: bool = False, sample_tokens: Optional[int] = None) -> torch.Tensor:
+        """x_hat, or with ``stacked`` (x of shape [T, d]) the [2T, d] buffer [x; x_hat].
+
+        ``sample_tokens`` (with ``stacked``): also gather a random sample of at most that many
+        tokens' rows of both streams (InfoNCE's, drawn after the noise) into ``self.sampled_pair``
+        ([2, S, d]; None when all tokens fit, then the caller uses the streams themselves)."""
+        self.sampled_pair = None
         if self.is_identity:
             return torch.cat([x, x], dim=0) if stacked else x
         n1, n2, jac = self.sample(x, generator)
+        if stacked and sample_tokens is not None and x.shape[0] > sample_tokens:
+            from .infonce import sample_token_rows
+            rows = sample_token_rows(x.shape[0], sample_tokens, x.device, generator)
+            out, self.sampled_pair = _StackedStreamsSampled.apply(x, n1, n2, jac, rows)
+            return out
         if stacked:
             return _StackedStreams.apply(x, n1, n2, jac)
         return torch.addcmul(n2, n1, x) if n1 is not None else _OneDrawNoise.apply(x, n2, jac)

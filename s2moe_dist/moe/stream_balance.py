@@ -26,5 +26,7 @@ def two_stream_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_e
     E = num_experts
     ones = probs.new_ones(()).expand(2, T * k)
     counts = probs.new_zeros(2, E).scatter_add_(1, expert_idx.reshape(2, T * k), ones)
-    prob_sums = probs.reshape(2, T, E).sum(dim=1)
-    return torch.dot(counts.reshape(-1), prob_sums.reshape(-1)) * (E / (2.0 * T * T * k))
+    # sum_t probs[s, t] . counts[s] as one bmm: its backward is one bmm too (a sum over t then a
+    # dot would expand the gradient over [2, T, E] and copy it back to [2T, E])
+    weighted = torch.bmm(probs.reshape(2, T, E), counts.unsqueeze(-1))
+    return weighted.sum() * (E / (2.0 * T * T * k))
