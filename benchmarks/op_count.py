@@ -8,9 +8,11 @@ with a TorchDispatchMode, which sees every aten op the forward and the autograd 
 
 A *compute op* is an aten op that reads or writes tensor data: not a view (an op whose output
 aliases an input without writing it: view, reshape's alias, slice, select, transpose, expand,
-unsqueeze, t, as_strided, detach, alias), not a metadata query (sizes, strides, numel), and not an
-allocation without a fill (empty, empty_like, new_empty, empty_strided), since none of those
-launch a kernel on CUDA. In-place ops, copies, fills, zero-filled allocations and reductions count.
+unsqueeze, t, as_strided, detach, alias, _unsafe_view), not a metadata query (sizes, strides,
+numel, promote_types: ops that return no tensor), and not an allocation without a fill (empty,
+empty_like, new_empty, empty_strided), since none of those launch a kernel on CUDA. In-place ops,
+copies, fills, zero-filled allocations, reductions and device-to-host reads (_local_scalar_dense)
+count.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ _PACKAGE = os.path.join(ROOT, "s2moe_dist") + os.sep
 # allocations without a fill and metadata queries: no kernel on CUDA
 _NOT_COMPUTE = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided",
                 "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
-                "_has_compatible_shallow_copy_type", "lift_fresh", "_local_scalar_dense_meta"}
+                "_has_compatible_shallow_copy_type", "lift_fresh", "promote_types", "result_type"}
 
 
 def is_compute_op(func) -> bool:
@@ -40,7 +42,7 @@ def is_compute_op(func) -> bool:
         return False
     if func.is_view:  # output aliases an input, nothing written
         return False
-    return func.overloadpacket.__name__ not in ("detach", "alias")
+    return func.overloadpacket.__name__ not in ("detach", "alias", "_unsafe_view")  # views without the annotation
 
 
 class AtenComputeOps(TorchDispatchMode):

@@ -30,7 +30,8 @@ def _noisy(x, n1, n2, out=None):
 
 
 class _StackedStreams(torch.autograd.Function):
-    """[x; n1 * x + n2] with d/dx = [1; jac] (jac = n1 for two draws, the one-draw slope otherwise)."""
+    """[x; n1 * x + n2] with d/dx = [1; jac] (jac None: n1, two draws; the one-draw slope otherwise;
+    the same tensor is never passed twice, which torch.compile cannot trace)."""
 
     @staticmethod
     def forward(ctx, x, n1, n2, jac):
@@ -38,7 +39,7 @@ class _StackedStreams(torch.autograd.Function):
         out = x.new_empty((2 * T,) + tuple(x.shape[1:]))
         out[:T].copy_(x)
         _noisy(x, n1, n2, out=out[T:])
-        ctx.save_for_backward(jac)
+        ctx.save_for_backward(n1 if jac is None else jac)
         return out
 
     @staticmethod
@@ -60,7 +61,7 @@ class _StackedStreamsSampled(torch.autograd.Function):
         out[:T].copy_(x)
         _noisy(x, n1, n2, out=out[T:])
         pair = out.view(2, T, -1).index_select(1, rows)
-        ctx.save_for_backward(jac, rows)
+        ctx.save_for_backward(n1 if jac is None else jac, rows)
         return out, pair
 
     @staticmethod
@@ -102,8 +103,8 @@ class GaussianNoise(nn.Module):
 
     def sample(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
         """``(n1, n2, jac)`` for ``x`` ([..., d]) in x's dtype, without gradient: x_hat = n1 * x + n2
-        and d x_hat / d x = jac (elementwise). Two draws: jac is n1. One draw: n1 is ``None``
-        (x_hat = x + n2, the multiplicative part folded into n2)."""
+        and d x_hat / d x = jac (elementwise). Two draws: jac is ``None`` (it is n1). One draw: n1
+        is ``None`` (x_hat = x + n2, the multiplicative part folded into n2)."""
         with torch.no_grad():  # statistics are constants: no gradient flows through them
             xf = x.float()
             mu = xf.mean(dim=-1, keepdim=True)
@@ -118,7 +119,7 @@ class GaussianNoise(nn.Module):
                 n2.add_(mu)
             n2 = n2.to(x.dtype)  # no-ops in fp32
             if n1 is not None:
-                n1 = jac = n1.to(x.dtype)
+                n1, jac = n1.to(x.dtype), None
             else:
                 jac = jac.to(x.dtype)
         return n1, n2, jac
