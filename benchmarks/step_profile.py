@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_layer import load_base  # noqa: E402
+from op_count import is_compute_op  # noqa: E402
 
 # innermost frame in s2moe_dist/moe/ (file, function) -> part of the layer
 FILE_PARTS = {"noise.py": "noise", "router.py": "router", "router_variants.py": "router",
@@ -55,11 +56,14 @@ class PartTimer(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ms = collections.Counter()
+        self.ops = collections.Counter()  # aten compute ops (op_count.py's definition)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = time.process_time()
         out = func(*args, **(kwargs or {}))
-        self.ms[self._part()] += 1000 * (time.process_time() - t0)
+        part = self._part()
+        self.ms[part] += 1000 * (time.process_time() - t0)
+        self.ops[part] += is_compute_op(func)
         return out
 
     @staticmethod
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             layers[name] = cls(256, num_experts=16, k=1, ffn_hidden_size=512, activation="gelu")
         x, R = torch.randn(args.tokens, 256, requires_grad=True), torch.randn(args.tokens, 256)
-        runs = {"base": [], "new": []}
+        runs, ops = {"base": [], "new": []}, {}
         for i in range(args.repeats + 1):
             for name in (("base", "new") if i % 2 else ("new", "base")):
                 layer = layers[name]
@@ -97,13 +101,16 @@ def main(argv=None) -> int:
                     ((y * R).sum() + layer.aux_loss()).backward()
                 if i:  # the first round is a warm-up
                     runs[name].append(timer.ms)
+                    ops[name] = timer.ops
     parts = sorted({k for r in runs.values() for t in r for k in t})
     med = {n: {k: statistics.median(t.get(k, 0.0) for t in r) for k in parts} for n, r in runs.items()}
-    print(f"S2MoE top-1 training step, {args.tokens} tokens, CPU ms (median of {args.repeats}), base {args.base} vs working tree")
-    print(f"| part | base | new |\n|---|---:|---:|")
+    print(f"S2MoE top-1 training step, {args.tokens} tokens, CPU ms (median of {args.repeats}) and aten "
+          f"compute ops, base {args.base} vs working tree")
+    print("| part | base ms | new ms | base ops | new ops |\n|---|---:|---:|---:|---:|")
     for k in sorted(parts, key=lambda k: -max(med["base"][k], med["new"][k])):
-        print(f"| {k} | {med['base'][k]:.1f} | {med['new'][k]:.1f} |")
-    print(f"| total | {sum(med['base'].values()):.1f} | {sum(med['new'].values()):.1f} |")
+        print(f"| {k} | {med['base'][k]:.1f} | {med['new'][k]:.1f} | {ops['base'][k]} | {ops['new'][k]} |")
+    print(f"| total | {sum(med['base'].values()):.1f} | {sum(med['new'].values()):.1f} | "
+          f"{sum(ops['base'].values())} | {sum(ops['new'].values())} |")
     return 0
 
 

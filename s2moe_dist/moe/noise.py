@@ -136,7 +136,8 @@ class GaussianNoise(nn.Module):
             eps[0].normal_(0.0, self.mult_std * std, generator=generator)
             eps[1].normal_(0.0, self.add_std * std, generator=generator)
         eps.mul_(centred_norm)
-        return eps[0].add_(1.0), eps[1]
+        # n1 out of place: the backward keeps n1 alone, not the [2, T, d] buffer n2 lives in
+        return eps[0] + 1.0, eps[1]
 
     def _one_draw(self, xf, sigma, generator):
         eps = torch.randn(xf.shape, generator=generator, device=xf.device, dtype=torch.float32)
