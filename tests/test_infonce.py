@@ -132,3 +132,25 @@ def test_custom_functions_trace_with_fullgraph():
     loss = compiled(x, g)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(g.grad).all()
+
+
+def test_layer_with_a_sampled_infonce_compiles_fullgraph_and_equals_eager():
+    """T > infonce_max_tokens: the noise module gathers the sample (set as an attribute in its forward)
+    and the fused InfoNCE runs on it, under torch.compile(fullgraph=True) as in eager."""
+    from s2moe_dist.moe.layer import S2MoELayer
+
+    def step(module, layer):
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        torch.manual_seed(5)  # the same noise and sample in both runs
+        y, _, _ = module(x)
+        (y.square().sum() + layer.aux_loss()).backward()
+        return [y.detach(), layer.uncertainty_loss.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+    torch.manual_seed(0)
+    layer = S2MoELayer(16, num_experts=8, k=1, ffn_hidden_size=32, infonce_max_tokens=8)
+    eager = step(layer, layer)
+    layer.zero_grad(set_to_none=True)
+    compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"), layer)
+    assert layer.noise.sampled_pair is not None and layer.noise.sampled_pair.shape == (2, 8, 16)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

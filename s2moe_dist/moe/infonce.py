@@ -1,4 +1,4 @@
-"""Sampled InfoNCE between the clean and noisy views of the same tokens (DESIGN.md 1.6).
+"""Sampled InfoNCE between the clean and noisy views of the same tokens (docs/design.md 1.6).
 
 Rows of z / z_hat are L2-normalised; logits = z z_hat^T / tau; cross-entropy with the diagonal
 (same token) as target, averaged over the S sampled tokens. A random sample of at most

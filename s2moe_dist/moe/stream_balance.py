@@ -1,4 +1,4 @@
-"""Switch balance loss of S2MoE's two streams routed together (DESIGN.md 1.6).
+"""Switch balance loss of S2MoE's two streams routed together (docs/design.md 1.6).
 
 The layer's loss is the mean of the clean and the noisy stream's balance losses. When one router
 call routes both streams ([2T, E] probabilities, [2T, k] experts: dropless top-k), computing it
