@@ -1,10 +1,7 @@
 """Auxiliary losses of S2MoE (docs/design.md 1.6): Switch balance loss (sampled InfoNCE: infonce.py)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 
 from .router import expert_counts
 
