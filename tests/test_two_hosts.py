@@ -1,0 +1,215 @@
+"""s2moe-train across two simulated hosts (tests/netns_hosts.py: network namespaces joined by one
+veth link, own hostnames and hosts files), tiny model, EP=2: the expert all-to-all crosses the link.
+
+- launch_scripts/torchrun.sh on both hosts, one rank each: the losses of every step equal a one-host
+  2-rank run; one host's rank SIGKILLed in step 15: both sides end (time measured); ``--resume
+  auto`` on both continues from step 10 with the same losses to the end.
+- the link cut (``ip link set down``) with train.collective_timeout_s=30: both sides end within
+  the timeout + a few seconds (time measured).
+- start-up checks, before any process group: a hostname resolving to 127.0.1.1 (Debian's default)
+  with gloo across hosts exits 2 naming GLOO_SOCKET_IFNAME (before the fix: "Connection refused"
+  on the peer and a hang until the timeout); GLOO_SOCKET_IFNAME set makes the same run train.
+Figures go to stdout as ``[figures] ...`` (pytest -s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from netns_hosts import TwoHosts, Unavailable  # noqa: E402
+
+TORCHRUN_SH = os.path.join(ROOT, "launch_scripts", "torchrun.sh")
+TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
+ZERO1 = os.path.join(ROOT, "configs", "deepspeed", "zero1_fp32.json")
+STEPS = 20
+SETTINGS = ["model.seq_len=32", "model.d_model=32", "model.n_heads=2", "model.moe.ffn_hidden_size=64",
+            "model.moe.ep_size=2", "train.batch_size=8", "train.warmup_steps=4", "train.eval_windows=8",
+            "train.progress=false", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=10",
+            f"train.steps={STEPS}"]
+TIMEOUT = 300
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    try:
+        h = TwoHosts.create(str(tmp_path_factory.mktemp("hosts")))
+    except Unavailable as e:
+        pytest.skip(f"no simulated hosts here: {e}")
+    yield h
+    h.destroy()
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "GLOO_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "S2MOE_FAULTS")}
+    env.update(OMP_NUM_THREADS="1", S2MOE_VENV=sys.prefix)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    env.update(extra)
+    return env
+
+
+class Node:
+    """``launch_scripts/torchrun.sh`` on one host, its output in a log file."""
+
+    def __init__(self, host, log, out, nnodes, node_rank, master, port, nproc=1, extra=(), resume=False, **env):
+        self.log_path = log
+        self.log = open(log, "w")
+        args = ["bash", TORCHRUN_SH, "--config", TINY, "--deepspeed", ZERO1, "--output", str(out),
+                "--set", *SETTINGS, *extra] + (["--resume", "auto"] if resume else [])
+        e = _env(NNODES=str(nnodes), NODE_RANK=str(node_rank), NPROC_PER_NODE=str(nproc), MASTER_ADDR=master,
+                 MASTER_PORT=str(port), **env)
+        self.proc = host.popen(args, env=e, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ended = None
+
+    def done(self) -> bool:
+        if self.proc.poll() is not None and self.ended is None:
+            self.ended = time.time()
+        return self.ended is not None
+
+    def text(self) -> str:
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def wait_all(nodes, timeout=TIMEOUT, what="the runs"):
+    end = time.monotonic() + timeout
+    while not all([n.done() for n in nodes]):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}:\n" + "\n----\n".join(n.text()[-3000:] for n in nodes))
+        time.sleep(0.1)
+    return [n.proc.returncode for n in nodes]
+
+
+def losses(out, first=False):
+    """step -> (total, task, balance, uncertainty), the last value logged (``first``: the first)."""
+    path = os.path.join(str(out), "metrics.jsonl")
+    got = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if "train/loss_total" in r and not (first and r["step"] in got):
+                    got[r["step"]] = (r["train/loss_total"], r["train/loss_task"], r["train/loss_balance"],
+                                      r["train/loss_uncertainty"])
+    return got
+
+
+def last_step(out) -> int:
+    got = losses(out)
+    return max(got) if got else 0
+
+
+def fault_time(text):
+    i = text.index("FAULT INJECTED (t=")
+    return float(text[i + len("FAULT INJECTED (t="):].split(")")[0])
+
+
+def port() -> int:
+    return random.randint(20000, 40000)  # inside fresh namespaces: nothing else listens there
+
+
+def two_nodes(hosts, tmp, name, out, faults=None, **kw):
+    p = port()
+    env = {"S2MOE_FAULTS": faults} if faults else {}
+    return [Node(hosts[i], str(tmp / f"{name}.{i}.log"), out, 2, i, hosts[0].addr, p, **env, **kw) for i in range(2)]
+
+
+def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, tmp_path):
+    ref_out, out = tmp_path / "one_host", tmp_path / "two_hosts"
+    ref = Node(hosts[0], str(tmp_path / "ref.log"), ref_out, 1, 0, "127.0.0.1", port(), nproc=2)
+    nodes = two_nodes(hosts, tmp_path, "killed", out, faults="kill_in_step@15:1")
+    try:
+        codes = wait_all(nodes + [ref])
+    finally:
+        hosts.kill_all()
+    assert codes[2] == 0, ref.text()[-3000:]
+    assert codes[0] != 0 and codes[1] != 0, [n.text()[-2000:] for n in nodes]
+    killed = nodes[1].text()
+    assert "SIGKILLs itself in step 15" in killed
+    t_fault = fault_time(killed)
+    after = [n.ended - t_fault for n in nodes]
+    print(f"[figures] torchrun, 2 hosts: rank 1 SIGKILLed: host 1 ended {after[1]:.1f} s, host 0 "
+          f"{after[0]:.1f} s later")
+    assert max(after) < 60, after
+    ref_losses = losses(ref_out)
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+    before = losses(out, first=True)
+    assert sorted(before) == list(range(1, 15)), sorted(before)
+    assert all(before[s] == ref_losses[s] for s in before), [(s, before[s], ref_losses[s]) for s in before]
+
+    resumed = two_nodes(hosts, tmp_path, "resumed", out, resume=True)
+    try:
+        codes = wait_all(resumed)
+    finally:
+        hosts.kill_all()
+    assert codes == [0, 0], [n.text()[-3000:] for n in resumed]
+    assert f"resumed from {out}/checkpoints/global_step10 at step 10" in resumed[0].text()
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == ref_losses[s] for s in got), [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
+
+
+def test_cut_link_ends_both_hosts_within_the_collective_timeout(hosts, tmp_path):
+    out = tmp_path / "cut"
+    nodes = two_nodes(hosts, tmp_path, "cut", out, extra=["train.steps=100000", "train.ckpt_every=0",
+                                                          "train.collective_timeout_s=30"])
+    try:
+        end = time.monotonic() + TIMEOUT
+        while last_step(out) < 3:
+            assert time.monotonic() < end and not any(n.done() for n in nodes), [n.text()[-3000:] for n in nodes]
+            time.sleep(0.2)
+        hosts.link_down()
+        t_cut = time.time()
+        codes = wait_all(nodes, timeout=120, what="both hosts to end after the link went down")
+    finally:
+        hosts.kill_all()
+        hosts.link_up()
+    after = [n.ended - t_cut for n in nodes]
+    print(f"[figures] torchrun, 2 hosts: link cut at step {last_step(out)}: host 0 ended {after[0]:.1f} s, "
+          f"host 1 {after[1]:.1f} s later (collective timeout 30 s)")
+    assert codes[0] != 0 and codes[1] != 0
+    assert 25 <= min(after) and max(after) < 30 + 20, after
+    assert any("a collective failed" in n.text() for n in nodes), [n.text()[-3000:] for n in nodes]
+
+
+def test_loopback_hostname_with_gloo_across_hosts_exits_2_naming_gloo_socket_ifname(hosts, tmp_path):
+    """Debian's ``127.0.1.1 <hostname>``: gloo would advertise 127.0.1.1 to the other host."""
+    saved = [open(h.hosts_file).read() for h in hosts.hosts]
+    try:
+        for h in hosts.hosts:
+            h.set_hosts(f"127.0.0.1 localhost\n127.0.1.1 {h.hostname}\n" + saved[h.index])
+        nodes = two_nodes(hosts, tmp_path, "loopback", tmp_path / "loopback")
+        try:
+            codes = wait_all(nodes, timeout=120, what="the start-up check")
+        finally:
+            hosts.kill_all()
+        for n in nodes:
+            assert "GLOO_SOCKET_IFNAME" in n.text() and "resolves to 127.0.1.1 first" in n.text(), n.text()[-3000:]
+        assert codes[0] != 0 and codes[1] != 0
+        assert all("exitcode  : 2" in n.text() for n in nodes), [n.text()[-2000:] for n in nodes]
+        # the fix it names: the interface of the link; the run then trains
+        fixed = [Node(hosts[i], str(tmp_path / f"ifname.{i}.log"), tmp_path / "ifname", 2, i, hosts[0].addr, p,
+                      extra=["train.steps=2", "train.ckpt_every=0"], GLOO_SOCKET_IFNAME=hosts[i].veth)
+                 for p in [port()] for i in range(2)]
+        try:
+            codes = wait_all(fixed, what="the run with GLOO_SOCKET_IFNAME")
+        finally:
+            hosts.kill_all()
+        assert codes == [0, 0], [n.text()[-3000:] for n in fixed]
+        assert sorted(losses(tmp_path / "ifname")) == [1, 2]
+    finally:
+        for h in hosts.hosts:
+            h.set_hosts(saved[h.index])
