@@ -37,8 +37,12 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-# the script run inside the new UTS + mount namespaces: own hostname, own /etc/hosts, then the command
-_ENTER = 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
+# the script run inside the new UTS + mount namespaces: own hostname, own /etc/hosts, the extra
+# bind mounts ($3: "src dst;src dst"), with $4=1 a fresh /run (sshd's /run/sshd), then the command
+_ENTER = ('hostname "$1" && mount --bind "$2" /etc/hosts && '
+          'IFS=";"; for m in $3; do IFS=" "; mount --bind $m || exit 1; done; unset IFS; '
+          'if [ "$4" = 1 ]; then mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd || exit 1; fi; '
+          'shift 4 && exec "$@"')
 
 
 class Host:
@@ -47,14 +51,16 @@ class Host:
         self.cluster, self.index = cluster, index
         self.ns, self.veth, self.addr, self.hostname, self.hosts_file = ns, veth, addr, hostname, hosts_file
 
-    def command(self, cmd: Sequence[str]) -> List[str]:
-        """``cmd`` as run on this host."""
+    def command(self, cmd: Sequence[str], fresh_run: bool = False) -> List[str]:
+        """``cmd`` as run on this host (with the cluster's bind mounts: e.g. the ssh client config)."""
+        mounts = ";".join(f"{src} {dst}" for src, dst in self.cluster.mounts)
         return ["nsenter", f"--net=/run/netns/{self.ns}", "unshare", "--uts", "--mount", "--propagation",
-                "private", "sh", "-c", _ENTER, "enter", self.hostname, self.hosts_file, *cmd]
+                "private", "sh", "-c", _ENTER, "enter", self.hostname, self.hosts_file, mounts,
+                "1" if fresh_run else "0", *cmd]
 
-    def popen(self, cmd: Sequence[str], **kwargs) -> subprocess.Popen:
+    def popen(self, cmd: Sequence[str], fresh_run: bool = False, **kwargs) -> subprocess.Popen:
         """Start ``cmd`` on this host in its own session; ``destroy`` kills it by PID."""
-        proc = subprocess.Popen(self.command(cmd), start_new_session=True, **kwargs)
+        proc = subprocess.Popen(self.command(cmd, fresh_run), start_new_session=True, **kwargs)
         self.cluster.procs.append(proc)
         return proc
 
@@ -103,6 +109,8 @@ class TwoHosts:
         self.hosts: List[Host] = []
         self.procs: List[subprocess.Popen] = []
         self.namespaces: List[str] = []
+        self.mounts: List[tuple] = []  # (file, where) bind-mounted on every host, for processes started after
+        self.sshd: List[subprocess.Popen] = []
 
     @classmethod
     def create(cls, root: str, names: Sequence[str] = ("hosta", "hostb"), loopback_hostname: bool = False
@@ -150,6 +158,47 @@ class TwoHosts:
             raise
         return self
 
+    def start_sshd(self, timeout: float = 30) -> str:
+        """An sshd on each host (port 22 of its address), root key login, every file under
+        ``root/ssh``; the ssh client config (key, no host-key prompts) is bind-mounted over
+        /etc/ssh/ssh_config inside the hosts only. Returns why not (None when up)."""
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd) or shutil.which("ssh") is None:
+            return "no sshd / ssh (Debian: openssh-server)"
+        d = os.path.join(self.root, "ssh")
+        os.makedirs(d, exist_ok=True)
+        for key in ("host_key", "id_ed25519"):
+            if not os.path.exists(os.path.join(d, key)):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, key)],
+                               check=True, capture_output=True, timeout=30)
+        shutil.copy(os.path.join(d, "id_ed25519.pub"), os.path.join(d, "authorized_keys"))
+        client = os.path.join(d, "ssh_config")
+        with open(client, "w") as f:
+            f.write(f"Host *\n  IdentityFile {d}/id_ed25519\n  StrictHostKeyChecking no\n"
+                    "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+        self.mounts.append((client, "/etc/ssh/ssh_config"))
+        for h in self.hosts:
+            conf = os.path.join(d, f"sshd_config.{h.hostname}")
+            with open(conf, "w") as f:
+                f.write(f"ListenAddress {h.addr}\nPort 22\nHostKey {d}/host_key\n"
+                        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                        f"StrictModes no\nPidFile {d}/sshd.{h.hostname}.pid\n")
+            log = open(os.path.join(d, f"sshd.{h.hostname}.log"), "ab")
+            self.sshd.append(h.popen([sshd, "-D", "-e", "-f", conf], fresh_run=True, stdout=log,
+                                     stderr=subprocess.STDOUT))
+            log.close()
+        end = time.monotonic() + timeout
+        for h in self.hosts:
+            while True:
+                r = self.hosts[0].run(["ssh", h.hostname, "hostname"], timeout=30)
+                if r.returncode == 0 and r.stdout.strip() == h.hostname:
+                    break
+                if time.monotonic() > end or any(p.poll() is not None for p in self.sshd):
+                    return f"ssh {h.hostname} hostname failed: {r.stdout.strip()}"
+                time.sleep(0.5)
+        return None
+
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]
 
@@ -164,13 +213,18 @@ class TwoHosts:
         self.link(True)
 
     def kill_all(self) -> None:
+        """Kill what was started on the hosts, daemons (sshd) excepted."""
         for p in self.procs:
-            _kill_group(p)
+            if p not in self.sshd:
+                _kill_group(p)
         self.procs = [p for p in self.procs if p.poll() is None]
 
     def destroy(self) -> None:
         """Kill every process started on the hosts (by PID), delete the namespaces (and so the veth)."""
         self.kill_all()
+        for p in self.sshd:
+            _kill_group(p)
+        self.sshd = []
         for ns in self.namespaces:
             for _ in range(20):  # a namespace still held by a dying process is removed once it is gone
                 if _ip("netns", "del", ns, check=False).returncode == 0:

@@ -23,10 +23,14 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# the node is named after this host so its name resolves (jobs use it as MASTER_ADDR)
-NODE = socket.gethostname().split(".")[0]
+# a node name that resolves nowhere, as on clusters whose NodeName is not a host name: jobs must take
+# the node's NodeAddr (127.0.0.1) as MASTER_ADDR. NodeHostname is this host (slurmd -N picks the node).
+NODE = "s2moenode%04x" % (os.getpid() % 0x10000)
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
 READY = "SLURM_CONF="
+# SIGTERM -> SIGKILL grace of a cancelled job: the ranks checkpoint in it, which on a loaded machine
+# took longer than Slurm's 30 s default (a real cluster needs KillWait above its checkpoint time too)
+KILL_WAIT = 120
 
 
 def free_port() -> int:
@@ -150,8 +154,8 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-KillWait=30
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+KillWait={KILL_WAIT}
+NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 """
         with open(self.conf, "w") as f:

@@ -127,15 +127,30 @@ def two_nodes(hosts, tmp, name, out, faults=None, **kw):
     return [Node(hosts[i], str(tmp / f"{name}.{i}.log"), out, 2, i, hosts[0].addr, p, **env, **kw) for i in range(2)]
 
 
-def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, tmp_path):
-    ref_out, out = tmp_path / "one_host", tmp_path / "two_hosts"
-    ref = Node(hosts[0], str(tmp_path / "ref.log"), ref_out, 1, 0, "127.0.0.1", port(), nproc=2)
+@pytest.fixture(scope="module")
+def one_host(hosts, tmp_path_factory):
+    """The reference: a one-host 2-rank torchrun run, started in the background (waited for by
+    ``reference_losses``)."""
+    d = tmp_path_factory.mktemp("one_host")
+    return Node(hosts[0], str(d / "ref.log"), d / "run", 1, 0, "127.0.0.1", port(), nproc=2), d / "run"
+
+
+def reference_losses(one_host):
+    node, out = one_host
+    assert wait_all([node]) == [0], node.text()[-3000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    return got
+
+
+def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, one_host, tmp_path):
+    out = tmp_path / "two_hosts"
     nodes = two_nodes(hosts, tmp_path, "killed", out, faults="kill_in_step@15:1")
     try:
-        codes = wait_all(nodes + [ref])
+        codes = wait_all(nodes)
+        ref_losses = reference_losses(one_host)
     finally:
         hosts.kill_all()
-    assert codes[2] == 0, ref.text()[-3000:]
     assert codes[0] != 0 and codes[1] != 0, [n.text()[-2000:] for n in nodes]
     killed = nodes[1].text()
     assert "SIGKILLs itself in step 15" in killed
@@ -144,8 +159,6 @@ def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, t
     print(f"[figures] torchrun, 2 hosts: rank 1 SIGKILLed: host 1 ended {after[1]:.1f} s, host 0 "
           f"{after[0]:.1f} s later")
     assert max(after) < 60, after
-    ref_losses = losses(ref_out)
-    assert sorted(ref_losses) == list(range(1, STEPS + 1))
     before = losses(out, first=True)
     assert sorted(before) == list(range(1, 15)), sorted(before)
     assert all(before[s] == ref_losses[s] for s in before), [(s, before[s], ref_losses[s]) for s in before]
@@ -160,6 +173,15 @@ def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, t
     got = losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(got[s] == ref_losses[s] for s in got), [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
+
+    # a SIGTERM during start-up says where a restart continues (not just "step 0")
+    env = {k: v for k, v in _env(S2MOE_FAULTS="sigterm_at_start:0").items() if not k.startswith("S2MOE_VENV")}
+    early = subprocess.run([sys.executable, "-m", "s2moe_dist.cli", "train", "--config", TINY, "--deepspeed", ZERO1,
+                            "--output", str(out), "--resume", "auto", "--set", *SETTINGS],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert early.returncode == 0, early.stdout[-3000:] + early.stderr[-3000:]
+    assert (f"SIGTERM during start-up: nothing to save (step 0), exiting; a restart with --resume auto resumes "
+            f"from {out}/checkpoints/global_step{STEPS}") in early.stdout, early.stdout[-3000:]
 
 
 def test_cut_link_ends_both_hosts_within_the_collective_timeout(hosts, tmp_path):
@@ -213,3 +235,55 @@ def test_loopback_hostname_with_gloo_across_hosts_exits_2_naming_gloo_socket_ifn
     finally:
         for h in hosts.hosts:
             h.set_hosts(saved[h.index])
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(hosts):
+    why = hosts.start_sshd()
+    if why:
+        pytest.skip(f"no sshd on the simulated hosts: {why}")
+    return hosts
+
+
+def test_deepspeed_hostfile_over_pdsh_forwards_the_environment_and_ends_on_a_dead_rank(ssh_hosts, one_host,
+                                                                                      tmp_path):
+    """launch_scripts/deepspeed.sh with a hostfile: pdsh starts one rank per host over ssh, with a
+    bare environment but for what DS_ENV_FILE carries (venv PATH, OMP_NUM_THREADS,
+    TORCH_EXTENSIONS_DIR, S2MOE_*...). Losses equal the one-host torchrun run; rank 1 SIGKILLed
+    in step 15 ends the runner; --resume auto continues exactly."""
+    hosts = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in hosts.hosts))
+    out = tmp_path / "ds"
+    runs = {}
+    for name, faults, resume in (("killed", "kill_in_step@15:1", False), ("resumed", None, True)):
+        env = _env(HOSTFILE=str(hostfile), NUM_NODES="2", NUM_GPUS="1", MASTER_ADDR=hosts[0].addr,
+                   MASTER_PORT=str(port()), DS_LAUNCHER_ARGS="--launcher pdsh",
+                   **({"S2MOE_FAULTS": faults} if faults else {}))
+        log = open(tmp_path / f"ds_{name}.log", "w+")
+        args = ["bash", os.path.join(ROOT, "launch_scripts", "deepspeed.sh"), "--config", TINY, "--deepspeed", ZERO1,
+                "--output", str(out), "--set", *SETTINGS] + (["--resume", "auto"] if resume else [])
+        proc = hosts[0].popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None  # fails below, with the log
+        finally:
+            ended = time.time()
+            hosts.kill_all()
+        log.seek(0)
+        runs[name] = (code, log.read(), ended)
+    ref = reference_losses(one_host)
+    code, text, ended = runs["killed"]
+    assert code not in (0, None) and "SIGKILLs itself in step 15" in text, text[-4000:]
+    print(f"[figures] deepspeed (pdsh), 2 hosts: rank 1 SIGKILLed: the runner ended "
+          f"{ended - fault_time(text):.1f} s later")
+    assert "Emitting ninja build file" not in text and "Building extension module" not in text  # cached op used
+    code, text, _ = runs["resumed"]
+    assert code == 0, text[-4000:]
+    assert f"resumed from {out}/checkpoints/global_step10 at step 10" in text
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
+    first = losses(out, first=True)
+    assert all(first[s] == ref[s] for s in range(1, 15))
