@@ -25,7 +25,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from netns_hosts import TwoHosts, Unavailable  # noqa: E402
+from netns_hosts import TwoHosts, Unavailable, _kill_group  # noqa: E402
 
 TORCHRUN_SH = os.path.join(ROOT, "launch_scripts", "torchrun.sh")
 TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
@@ -132,7 +132,10 @@ def one_host(hosts, tmp_path_factory):
     """The reference: a one-host 2-rank torchrun run, started in the background (waited for by
     ``reference_losses``)."""
     d = tmp_path_factory.mktemp("one_host")
-    return Node(hosts[0], str(d / "ref.log"), d / "run", 1, 0, "127.0.0.1", port(), nproc=2), d / "run"
+    node = Node(hosts[0], str(d / "ref.log"), d / "run", 1, 0, "127.0.0.1", port(), nproc=2)
+    hosts.procs.remove(node.proc)  # the tests' kill_all must not end it: stopped here, by PID
+    yield node, d / "run"
+    _kill_group(node.proc)
 
 
 def reference_losses(one_host):
@@ -287,3 +290,33 @@ def test_deepspeed_hostfile_over_pdsh_forwards_the_environment_and_ends_on_a_dea
     assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
     first = losses(out, first=True)
     assert all(first[s] == ref[s] for s in range(1, 15))
+
+
+def test_mpirun_hostfile_over_ssh_equals_one_host(ssh_hosts, one_host, tmp_path):
+    """launch_scripts/mpirun.sh with a hostfile: Open MPI starts one rank per host over ssh; the
+    losses of every step equal the one-host torchrun run."""
+    import shutil
+    if shutil.which("mpirun") is None:
+        pytest.skip("no mpirun (bash launch_scripts/setup_env.sh installs Open MPI)")
+    hosts = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in hosts.hosts))
+    out = tmp_path / "mpi"
+    env = _env(HOSTFILE=str(hostfile), NP="2", MASTER_PORT=str(port()))
+    log = open(tmp_path / "mpi.log", "w+")
+    args = ["bash", os.path.join(ROOT, "launch_scripts", "mpirun.sh"), "--config", TINY, "--deepspeed", ZERO1,
+            "--output", str(out), "--set", *SETTINGS]
+    proc = hosts[0].popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        hosts.kill_all()
+    log.seek(0)
+    text = log.read()
+    assert code == 0, text[-4000:]
+    ref = reference_losses(one_host)
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1)), text[-3000:]
+    assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
