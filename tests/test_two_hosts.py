@@ -178,13 +178,14 @@ def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, o
     assert all(got[s] == ref_losses[s] for s in got), [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
 
     # a SIGTERM during start-up says where a restart continues (not just "step 0")
-    env = {k: v for k, v in _env(S2MOE_FAULTS="sigterm_at_start:0").items() if not k.startswith("S2MOE_VENV")}
-    early = subprocess.run([sys.executable, "-m", "s2moe_dist.cli", "train", "--config", TINY, "--deepspeed", ZERO1,
-                            "--output", str(out), "--resume", "auto", "--set", *SETTINGS],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-    assert early.returncode == 0, early.stdout[-3000:] + early.stderr[-3000:]
+    early = Node(hosts[0], str(tmp_path / "early.log"), out, 1, 0, "127.0.0.1", port(), nproc=2, resume=True,
+                 S2MOE_FAULTS="sigterm_at_start:0")
+    try:
+        assert wait_all([early]) == [0], early.text()[-3000:]
+    finally:
+        hosts.kill_all()
     assert (f"SIGTERM during start-up: nothing to save (step 0), exiting; a restart with --resume auto resumes "
-            f"from {out}/checkpoints/global_step{STEPS}") in early.stdout, early.stdout[-3000:]
+            f"from {out}/checkpoints/global_step{STEPS}") in early.text(), early.text()[-3000:]
 
 
 def test_cut_link_ends_both_hosts_within_the_collective_timeout(hosts, tmp_path):
@@ -320,3 +321,49 @@ def test_mpirun_hostfile_over_ssh_equals_one_host(ssh_hosts, one_host, tmp_path)
     got = losses(out)
     assert sorted(got) == list(range(1, STEPS + 1)), text[-3000:]
     assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
+
+
+@pytest.fixture(scope="module")
+def slurm2(hosts, tmp_path_factory):
+    """A two-node Slurm: slurmctld on host 0, one slurmd per host (``slurmd -D -N <node>``), one
+    munged. The node names resolve nowhere: only their NodeAddr does."""
+    from slurm_cluster import LocalSlurm, ensure_installed
+    why = ensure_installed()
+    if why:
+        pytest.skip(f"no Slurm here: {why}")
+    nodes = [{"name": f"s2n{i}{hosts.suffix}", "addr": h.addr, "hostname": h.hostname, "prefix": h.command([])}
+             for i, h in enumerate(hosts.hosts)]
+    try:
+        c = LocalSlurm.launch(str(tmp_path_factory.mktemp("slurm2")), cpus=2, nodes=nodes)
+    except RuntimeError as e:
+        pytest.skip(f"could not start a two-node Slurm: {e}")
+    yield c
+    c.stop()
+
+
+def test_sbatch_two_nodes_trains_across_both_with_the_node_address_as_master(slurm2, hosts, one_host, tmp_path):
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env.update(S2MOE_REPO=ROOT, S2MOE_VENV=sys.prefix, S2MOE_CONFIG=TINY, S2MOE_OUTPUT=str(tmp_path / "run"),
+               S2MOE_SET=" ".join(SETTINGS), PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    env.pop("S2MOE_DATA", None)
+    log = str(tmp_path / "job.out")
+    out = slurm2.run(["sbatch", "--parsable", "--job-name=s2moe-2n", "--nodes=2", "--ntasks-per-node=1",
+                      "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
+                      os.path.join(ROOT, "slurm", "pretrain.sbatch")], env=env, cwd=ROOT)
+    job = out.stdout.strip().split(";")[0]
+    end = time.monotonic() + TIMEOUT
+    try:
+        while slurm2.job(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", None):
+            assert time.monotonic() < end, open(log).read()[-4000:] + slurm2.logs()
+            time.sleep(1)
+        text = open(log).read() if os.path.exists(log) else ""
+        fields = slurm2.job(job)
+    finally:
+        slurm2.run(["scancel", job], check=False)
+    assert fields.get("JobState", "COMPLETED") == "COMPLETED", text[-4000:] + slurm2.logs()
+    assert "restart 0: 2 node(s) [" in text and ", 2 ranks, 0 GPU(s)/node" in text, text[-3000:]
+    assert f"rendezvous {hosts[0].addr}:" in text  # node 0's NodeAddr, not its name
+    ref = reference_losses(one_host)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == ref[s] for s in got), \
+        [(s, got.get(s), ref[s]) for s in ref if got.get(s) != ref[s]]
