@@ -1,4 +1,4 @@
-"""The S2MoE layer, pure PyTorch (DESIGN.md section 1).
+"""The S2MoE layer, pure PyTorch (docs/design.md section 1).
 
     y = g(x) * SMoE(x) + (1 - g(x)) * SMoE(x_hat),   x_hat = n1 * x + n2,   g = sigmoid(x W_g + b_g)
 

@@ -1,4 +1,4 @@
-"""Auxiliary losses of S2MoE (DESIGN.md 1.6): Switch balance loss and sampled InfoNCE."""
+"""Auxiliary losses of S2MoE (docs/design.md 1.6): Switch balance loss and sampled InfoNCE."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""Gaussian noise module of S2MoE (DESIGN.md 1.1): x_hat = n1 * x + n2, E[x_hat] = x.
+"""Gaussian noise module of S2MoE (docs/design.md 1.1): x_hat = n1 * x + n2, E[x_hat] = x.
 
 ``noise(x, stacked=True)`` returns both streams in one ``[2T, d]`` buffer, ``[x; x_hat]``, ready for
 ONE dispatch: written in place (no x_hat temporary, no ``torch.cat``), and its backward is one

@@ -1,4 +1,4 @@
-"""Top-k router (DESIGN.md 1.2): fp32 logits, softmax, top-k, combine weights, capacity drops.
+"""Top-k router (docs/design.md 1.2): fp32 logits, softmax, top-k, combine weights, capacity drops.
 
 Combine weights: renormalised over the kept experts for layers trained with k >= 2 (also at
 another eval_k), the raw top-1 probability for k = 1 (Switch / DeepSpeed), so the router learns

@@ -1,4 +1,4 @@
-"""Router baselines of the S2MoE paper, selected by ``S2MoEConfig.router_type`` (DESIGN.md 1.2).
+"""Router baselines of the S2MoE paper, selected by ``S2MoEConfig.router_type`` (docs/design.md 1.2).
 
 Every router returns a ``Routing`` through the same top-k / capacity / combine-weight code as
 ``TopKRouter`` (``TopKRouter.route_probs``), so both S2MoE streams, the dispatchers, eval_k and

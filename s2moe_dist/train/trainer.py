@@ -7,9 +7,10 @@
     Trainer.loop()   step, log, eval, checkpoint, signals (checkpoint at the step boundary;
                      SIGTERM then exits 0)
 
-Reliability (README_reliability): collective timeout (``train.collective_timeout_s``), NaN/Inf
-steps skipped on all ranks (``nonfinite.py``), checkpoints with a checksum manifest and fallback
-(``checkpoint.py``), signals handled from CLI entry (a SIGTERM during start-up exits 0).
+Reliability (docs/operations.md#failures-what-happens-what-to-do): collective timeout
+(``train.collective_timeout_s``), NaN/Inf steps skipped on all ranks (``nonfinite.py``),
+checkpoints with a checksum manifest and fallback (``checkpoint.py``), signals handled from CLI
+entry (a SIGTERM during start-up exits 0).
 """
 from __future__ import annotations
 
