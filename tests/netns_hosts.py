@@ -92,9 +92,32 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             pass
 
 
+def ensure_packages(tools=("sshd", "ssh", "pdsh"), packages=("openssh-server", "openssh-client", "pdsh"),
+                    timeout: float = 600) -> Optional[str]:
+    """Install Debian's packages for ``tools`` when one is missing (a fresh CI machine). Returns
+    None when ready, else why not."""
+    def missing():
+        return [t for t in tools if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    if not missing():
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{missing()} missing and no root apt-get to install {list(packages)}"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{' '.join(cmd)} failed: {e}"
+        if out.returncode != 0:
+            return f"{' '.join(cmd)} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}"
+    return f"still missing after apt-get install: {missing()}" if missing() else None
+
+
 def why_unavailable() -> Optional[str]:
     if os.geteuid() != 0:
         return "network namespaces need root"
+    if shutil.which("ip") is None:
+        ensure_packages(("ip",), ("iproute2",))
     missing = [t for t in ("ip", "nsenter", "unshare", "mount") if shutil.which(t) is None]
     if missing:
         return f"missing tools: {missing} (Debian: iproute2, util-linux)"
@@ -162,9 +185,10 @@ class TwoHosts:
         """An sshd on each host (port 22 of its address), root key login, every file under
         ``root/ssh``; the ssh client config (key, no host-key prompts) is bind-mounted over
         /etc/ssh/ssh_config inside the hosts only. Returns why not (None when up)."""
+        why = ensure_packages()
+        if why:
+            return why
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        if not os.path.exists(sshd) or shutil.which("ssh") is None:
-            return "no sshd / ssh (Debian: openssh-server)"
         d = os.path.join(self.root, "ssh")
         os.makedirs(d, exist_ok=True)
         for key in ("host_key", "id_ed25519"):

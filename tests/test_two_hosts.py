@@ -6,6 +6,11 @@ veth link, own hostnames and hosts files), tiny model, EP=2: the expert all-to-a
   auto`` on both continues from step 10 with the same losses to the end.
 - the link cut (``ip link set down``) with train.collective_timeout_s=30: both sides end within
   the timeout + a few seconds (time measured).
+- launch_scripts/deepspeed.sh with a hostfile (pdsh over ssh, an sshd per host): the ranks get the
+  forwarded environment (DS_ENV_FILE), equal losses, a SIGKILLed rank ends the runner, resume.
+- launch_scripts/mpirun.sh with a hostfile (Open MPI over ssh): equal losses.
+- slurm/pretrain.sbatch on a two-node Slurm (one slurmd per host, node names that resolve nowhere):
+  trains across both with node 0's NodeAddr as MASTER_ADDR, equal losses.
 - start-up checks, before any process group: a hostname resolving to 127.0.1.1 (Debian's default)
   with gloo across hosts exits 2 naming GLOO_SOCKET_IFNAME (before the fix: "Connection refused"
   on the peer and a hang until the timeout); GLOO_SOCKET_IFNAME set makes the same run train.
