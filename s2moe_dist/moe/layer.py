@@ -119,7 +119,9 @@ class S2MoELayer(nn.Module):
         return self._dispatcher
 
     def set_dispatcher(self, dispatcher) -> None:
-        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here."""
+        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here; it is
+        called as ``dispatcher(tokens, dispatch_idx, weights, experts, num_dropped=...)`` with the
+        routing's dropped-slot count (the int 0 when dropless: no host read needed)."""
         self._dispatcher = dispatcher
 
     def dispatcher_for(self, ep_group):
@@ -175,7 +177,7 @@ class S2MoELayer(nn.Module):
 
         if not two_streams:
             r = self._route(x, k)
-            out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts)
+            out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts, num_dropped=r.num_dropped)
             self.l_aux = self._balance(r)
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
             self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
@@ -186,7 +188,8 @@ class S2MoELayer(nn.Module):
             gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
         tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
         r_clean, r_noisy, idx, w = self._route_two_streams(tokens, T, k)
-        out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
+        dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
+        out, counts = self.dispatcher(tokens, idx, w, self.experts, num_dropped=dropped)  # ONE dispatch, both streams
         g = torch.sigmoid(self.gate(x))
         y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
@@ -202,12 +205,12 @@ class S2MoELayer(nn.Module):
         else:
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
-        dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
         self._record(counts, dropped, 2 * r_clean.expert_idx.numel(), gate=g, z=z, z_hat=z_hat)
         return y.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
 
-    def _record(self, counts, dropped: int, slots: int, gate=None, z=None, z_hat=None) -> None:
-        """Detached per-layer statistics for logging (TensorBoard); cheap, no extra sync."""
+    def _record(self, counts, dropped, slots: int, gate=None, z=None, z_hat=None) -> None:
+        """Detached per-layer statistics for logging (TensorBoard); cheap, no host sync (``dropped``,
+        an int or a 0-dim tensor, stays one: the logger reads it when it logs)."""
         stats = {"expert_counts": counts.detach(), "drop_fraction": dropped / max(1, slots)}
         if gate is not None:
             stats["gate_mean"] = gate.detach().float().mean()

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .router import expert_counts
+
 
 def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-style ``E * sum_e f_e * P_e``.
@@ -16,7 +18,7 @@ def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, num_experts: int
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(expert_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(expert_idx, num_experts).to(probs.dtype)  # no host sync (bincount has two)
     f = counts / expert_idx.numel()
     p = probs.mean(dim=0)
     return num_experts * torch.sum(f * p)
