@@ -24,6 +24,19 @@ def _fail(prog: str, err: Exception) -> int:
     return 2
 
 
+# what torch's collectives and rendezvous raise when a peer is gone, hung or unreachable
+COLLECTIVE_FAILURE_WORDS = ("gloo", "nccl", "timed out", "connection reset", "connection closed",
+                            "connection refused", "broken pipe")
+
+
+def collective_failed(err: BaseException) -> bool:
+    """A failed collective / rendezvous (DistNetworkError, DistStoreError, gloo or NCCL errors)."""
+    if type(err).__name__ in ("DistNetworkError", "DistStoreError", "DistBackendError"):
+        return True
+    text = str(err).lower()
+    return any(w in text for w in COLLECTIVE_FAILURE_WORDS)
+
+
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default (or that it is required), unless its help says it."""
 
@@ -124,11 +137,12 @@ def train_main(argv: Optional[List[str]] = None) -> int:
             _fail("s2moe-train", e)
             return EXIT_CHECKPOINT
         except RuntimeError as e:  # a collective failed: say what it means, keep the traceback
-            text = str(e)
-            if any(w in text for w in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed")):
+            if collective_failed(e):
                 print("s2moe-train: error: a collective failed: another rank died or hung (collective timeout: "
-                      "train.collective_timeout_s); the job stops here, --resume auto continues from the last "
-                      "complete checkpoint", file=sys.stderr, flush=True)
+                      "train.collective_timeout_s), or the rendezvous at MASTER_ADDR:MASTER_PORT="
+                      f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is unreachable; the job "
+                      "stops here, --resume auto continues from the last complete checkpoint",
+                      file=sys.stderr, flush=True)
             raise
     finally:
         flags.uninstall()

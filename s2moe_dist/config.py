@@ -87,6 +87,10 @@ class S2MoEConfig:
         noise_mult_std: a: ``n1 ~ N(1, (a*sigma_x)^2)``; ``a = b = 0`` gives ``x_hat = x``.
         noise_add_std: b: ``n2 ~ N(0, (b*sigma_x)^2)``.
         noise_add_mean: ``n2 ~ N(mu_x, (b*sigma_x)^2)``, the other reading of the paper.
+        noise_draws: Gaussian draws per hidden element: ``2`` (``x_hat = n1*x + n2``, the paper's
+            form) or ``1`` (``x_hat = x + sigma_x*sqrt(a^2 x^2 + b^2)*eps``: the same distribution of
+            ``x_hat`` with half the random numbers; its reparametrised gradient differs, both are
+            unbiased). Stays ``2`` until the quality benchmark shows ``1`` trains no worse.
         noisy_routing: Route the noisy stream on ``x_hat`` (``own``) or reuse the clean routing
             (``shared``).
         uncertainty_on: InfoNCE on ``(x, x_hat)`` (``input``: its gradient reaches the layers that
@@ -131,6 +135,7 @@ class S2MoEConfig:
     noise_mult_std: float = 1.0
     noise_add_std: float = 1.0
     noise_add_mean: bool = False
+    noise_draws: int = 2  # 1: one Gaussian draw per element, same x_hat distribution (docstring)
     noisy_routing: str = "own"
     uncertainty_on: str = "input"
     infonce_temperature: float = 0.1
@@ -194,6 +199,8 @@ class S2MoEConfig:
                                    f"got router_type={self.router_type!r}); leave it None")
         check_float(o, "noise_mult_std", self.noise_mult_std)
         check_float(o, "noise_add_std", self.noise_add_std)
+        if isinstance(self.noise_draws, bool) or self.noise_draws not in (1, 2):
+            raise config_error(o, "noise_draws", self.noise_draws, "must be 1 or 2 (Gaussian draws per element)")
         check_float(o, "infonce_temperature", self.infonce_temperature, strict=True)
         check_int(o, "infonce_max_tokens", self.infonce_max_tokens, 2)
         check_float(o, "balance_coef", self.balance_coef)
