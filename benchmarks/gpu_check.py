@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 import traceback
@@ -68,6 +69,7 @@ class Ctx:
     device: torch.device
     dry_run: bool
     out: str
+    run_dir: str = ""  # s2moe-train's --output in train_resume_eval ("": a temporary folder)
 
     @property
     def cuda(self) -> bool:
@@ -364,7 +366,17 @@ TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=64", "model.n_hea
 
 
 def check_train_resume_eval(ctx: Ctx, r: Result) -> None:
-    out = tempfile.mkdtemp(prefix="gpu_check_run_", dir=ctx.out)
+    if ctx.run_dir:
+        os.makedirs(ctx.run_dir, exist_ok=True)
+        return _train_resume_eval(ctx, r, ctx.run_dir)
+    out = tempfile.mkdtemp(prefix="gpu_check_run_")
+    try:
+        _train_resume_eval(ctx, r, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _train_resume_eval(ctx: Ctx, r: Result, out: str) -> None:
     common = ["--config", "configs/model/tiny.yaml", "--deepspeed", "configs/deepspeed/zero1_bf16.json",
               "--output", out]
     p = _cli(["train"] + common + ["--set"] + TINY + ["train.steps=6"], r, 150)
@@ -437,6 +449,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", "--cpu", dest="dry_run", action="store_true",
                    help="run every check on CPU with small shapes (CI; no GPU needed)")
     p.add_argument("--out", default=None, help="folder for summary.md / summary.json (default $OUT or gpu_check_out)")
+    p.add_argument("--run-dir", default="", help="keep train_resume_eval's run folder there (default: a "
+                                                  "temporary folder, so that --out holds only the summary)")
     p.add_argument("--only", nargs="+", choices=[n for n, _ in CHECKS], default=None, help="run only these checks")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="time budget: checks not started by then are reported FAIL (default 420 s)")
@@ -447,7 +461,8 @@ def main(argv=None) -> int:
               f"{torch.version.cuda or 'none: a CPU build'}); run it on a GPU machine with a CUDA torch "
               "(launch_scripts/setup_env.sh), or pass --dry-run", file=sys.stderr)
         return 2
-    ctx = Ctx(torch.device("cpu") if args.dry_run else torch.device("cuda", 0), args.dry_run, out)
+    ctx = Ctx(torch.device("cpu") if args.dry_run else torch.device("cuda", 0), args.dry_run, out,
+              os.path.abspath(args.run_dir) if args.run_dir else "")
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)) if not args.dry_run else 1)
     start = time.perf_counter()

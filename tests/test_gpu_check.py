@@ -1,7 +1,6 @@
 """launch_scripts/gpu_check.sh --dry-run: every check of the GPU check runs on CPU and passes (so
 the script cannot rot between GPU runs); its comparisons do catch a mismatch; s2moe-eval scores a
 bf16-trained checkpoint in bf16, as s2moe-train's own evaluation did."""
-import glob
 import json
 import os
 import subprocess
@@ -24,7 +23,8 @@ CHECKS = ("build", "grouped_mm", "layer_parity", "sync_census", "collectives", "
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    p = subprocess.run(["bash", os.path.join(ROOT, "launch_scripts", "gpu_check.sh"), "--dry-run", "--out", str(out)],
+    p = subprocess.run(["bash", os.path.join(ROOT, "launch_scripts", "gpu_check.sh"), "--dry-run", "--out", str(out),
+                        "--run-dir", str(out / "run")],
                        cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=400)
     return p, out
 
@@ -56,7 +56,7 @@ def test_eval_scores_a_bf16_checkpoint_in_bf16_like_the_trainer(dry_run):
 
     from s2moe_dist.cli import evaluate_checkpoint
     _, out = dry_run
-    (run,) = glob.glob(str(out / "gpu_check_run_*"))
+    run = str(out / "run")
     final = json.load(open(os.path.join(run, "final_eval.json")))
     saved = dict(os.environ)  # the 1-process group exports RANK, MASTER_PORT, ...
     try:
