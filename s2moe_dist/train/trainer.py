@@ -7,9 +7,10 @@
     Trainer.loop()   step, log, eval, checkpoint, signals (checkpoint at the step boundary;
                      SIGTERM then exits 0)
 
-Reliability (README_reliability): collective timeout (``train.collective_timeout_s``), NaN/Inf
-steps skipped on all ranks (``nonfinite.py``), checkpoints with a checksum manifest and fallback
-(``checkpoint.py``), signals handled from CLI entry (a SIGTERM during start-up exits 0).
+Reliability (docs/operations.md#failures-what-happens-what-to-do): collective timeout
+(``train.collective_timeout_s``), NaN/Inf steps skipped on all ranks (``nonfinite.py``),
+checkpoints with a checksum manifest and fallback (``checkpoint.py``), signals handled from CLI
+entry (a SIGTERM during start-up exits 0).
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ from . import faults
 from .config import RunConfig, check_parallel_layout, load_run_config
 from .distributed import (Launch, check_local_device, device_for, init_distributed, init_model_parallel,
                           resolve_launch)
+from .distributed import check_cuda_usable, visible_gpus
 from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
 from .metrics import collapse_scalars
 from ..moe.collapse import collapse_stats, probe_batch
 from .nonfinite import NonFiniteGuard
+from .precision import apply_tf32
 from .signals import SignalFlags
 
 CKPT_SUBDIR = "checkpoints"
@@ -133,6 +136,7 @@ def setup(args: TrainArgs) -> Setup:
     run = load_run_config(args.config, args.overrides, args.data)
     launch = resolve_launch()
     check_parallel_layout(run, launch.world_size)  # world = TP x DP, EP groups, batch over DP
+    check_cuda_usable(visible_gpus(), torch.cuda.is_available(), torch.__version__, torch.version.cuda, os.environ)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         check_local_device(launch, torch.cuda.device_count())
@@ -199,6 +203,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.s.launch)
         t, m = self.t, self.run_cfg.model
+        self.tf32 = apply_tf32(self.device, t.allow_tf32)  # CUDA only: fp32 GEMMs on tensor cores
         if faults.active():
             faults.at_start(self.rank)
         if self._exit_requested_at_start():  # before the slow part (model, engine, resume)
@@ -224,7 +229,7 @@ class Trainer:
         random.seed(t.seed + self.dp_rank)
         np.random.seed((t.seed + self.dp_rank) % 2 ** 32)
         self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.dp_rank, self.dp_size,
-                                            t.seed)
+                                            t.seed, pin_memory=self.device.type == "cuda")
         self.step = 0
         self._resume()
         self.guard = NonFiniteGuard(self.model, self.engine, t.max_consecutive_nonfinite, self.rank, self.world,
@@ -246,8 +251,23 @@ class Trainer:
         _, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
         if want_exit and not self.exit_at_start:
             self.exit_at_start = True
-            self._say(f"SIGTERM during start-up: nothing to save (step {getattr(self, 'step', 0)}), exiting")
+            self._say(f"SIGTERM during start-up: nothing to save (step {getattr(self, 'step', 0)}), exiting; "
+                      + self._restart_point())
         return self.exit_at_start
+
+    def _restart_point(self) -> str:
+        """Where a restart of this run continues, for the start-up exit message (rank 0)."""
+        if getattr(self, "resumed_from", None):
+            return f"nothing trained since {self.resumed_from}, which a restart resumes from"
+        if self.rank != 0 or self.s.args.resume is None:
+            return "a restart without --resume starts from step 0"
+        try:
+            cands = self._resume_candidates()
+        except (OSError, ValueError):
+            cands = []
+        if not cands:
+            return f"no checkpoint in {self.ckpt_dir} yet: a restart starts from step 0"
+        return f"a restart with --resume {self.s.args.resume} resumes from {os.path.join(*cands[0])}"
 
     def _resume_candidates(self) -> List[Tuple[str, str]]:
         """(folder, tag) to try in order (rank 0 reads the folder)."""
@@ -359,15 +379,17 @@ class Trainer:
         for micro in range(gas):
             for _, layer in self.moe_layers:  # InfoNCE accuracy costs a [N, N] product: log steps only
                 layer.record_infonce_accuracy = record and micro == gas - 1
-            x, y = next(self.train_batches)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = next(self.train_batches)  # pinned on CUDA: the copies do not wait for the GPU
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = self.engine(x)
             parts = lm_loss(self.model, logits, y)
             total = faults.after_forward(step, self.rank, parts.total, self.model) if faults.active() else parts.total
             self.guard.check_loss(total)
             self.engine.backward(total)
             if micro == gas - 1:  # the optimizer step: taken on all ranks or skipped on all
-                causes = self.guard.decide()
+                seen, mine = self.flags.local()  # the signal flags ride on the guard's one all-reduce
+                causes = self.guard.decide(extra=mine)
+                signals = self.flags.settle(seen, self.guard.extra)
                 skip = bool(causes["loss"] or causes["grad"])
                 ds_skips = self.engine.skipped_steps
                 with self.guard.skipping(skip):
@@ -380,7 +402,7 @@ class Trainer:
         for h in hooks:
             h.remove()
         self.tokens_seen += self.t.batch_size * self.run_cfg.model.seq_len
-        return {"loss": sums / gas, "lr": lr, "nonfinite": causes if skip else None}
+        return {"loss": sums / gas, "lr": lr, "nonfinite": causes if skip else None, "signals": signals}
 
     def _log(self, out, step_time: float, steps_timed: int) -> Dict[str, float]:
         import torch.distributed as dist
@@ -458,7 +480,7 @@ class Trainer:
                 raise self.guard.stop_error(self.step, skipped, self.last_saved_tag)
             if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
                 self.evaluate()
-            want_ckpt, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
+            want_ckpt, want_exit = out["signals"]  # agreed over ranks in the step's flags all-reduce
             periodic = t.ckpt_every and self.step % t.ckpt_every == 0
             if ((periodic or want_ckpt or want_exit or ckpt_pending or self.step == t.steps)
                     and self.last_saved != self.step):
