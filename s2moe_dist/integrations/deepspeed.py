@@ -97,7 +97,7 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     def __init__(self, hidden_size=None, *args, config=None, **kwargs):
         super().__init__(hidden_size, *args, config=config, **kwargs)
         self.expert_group_name = f"ep_size_{self.ep_size}"
-        self.use_residual = False
+        self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
         mark_expert_params(self.experts, self.expert_group_name)
         if self.tp_plan is not None and not self.tp_plan.shard_experts:
@@ -209,11 +209,26 @@ def check_engine(engine) -> None:
         check_param_groups(opt.param_groups)
     from .reshard import install_ep_aware_checkpoint_loading
     install_ep_aware_checkpoint_loading(engine)
+    install_aux_grad_scaling(engine)
     if engine.zero_optimization_stage() == 0:
         if engine.bfloat16_enabled() or engine.fp16_enabled():
             install_moe_grad_norm_for_unfused_optimizer(engine)
         else:
             install_moe_grad_clipping(engine)
+
+
+def install_aux_grad_scaling(engine) -> None:
+    """Scale the uncertainty gradient the layers attach to their outputs (``moe/aux_grad.py``) like the
+    loss: ``engine.backward(loss)`` runs inside ``scale_like(loss)``, so the attached gradient gets the
+    factor the engine applies to ``loss`` (1 / gradient_accumulation_steps, the fp16 loss scale)."""
+    from ..moe.aux_grad import scale_like
+    original = engine.backward
+
+    def backward(loss, *args, **kwargs):
+        with scale_like(loss):
+            return original(loss, *args, **kwargs)
+
+    engine.backward = backward
 
 
 def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
@@ -279,12 +294,16 @@ def global_grad_norm(parameters: Iterable[torch.Tensor], mpu=None, norm_type: fl
                 expert[p.group_name].append(p.grad)
         elif mpu is None or is_model_parallel_parameter(p) or mpu.get_model_parallel_rank() == 0:
             dense.append(p.grad)
+    device = next((g.device for g in dense), None) or next((g.device for gs in expert.values() for g in gs), None)
+    if device is None:  # no gradient at all on this rank: the reductions still need a tensor on the comm device
+        from deepspeed.accelerator import get_accelerator
+        device = torch.device(get_accelerator().current_device_name())
     if not dense:
-        dense.append(torch.zeros(1))
+        dense.append(torch.zeros(1, device=device))
     dense_norm = get_global_norm_of_tensors(dense, mpu=mpu, norm_type=norm_type)
     for name in ds_groups._get_expert_parallel_group_dict():  # every rank joins every group's reduction
         if not expert[name]:
-            expert[name].append(torch.zeros(1))
+            expert[name].append(torch.zeros(1, device=device))
     ordered = {name: expert[name] for name in sorted(expert)}
     return float(get_norm_with_moe_layers(dense_norm, mpu=mpu, expert_tensors=ordered, norm_type=norm_type))
 
