@@ -121,6 +121,19 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
                                      "checks, the EP-aware load_checkpoint and the MoE gradient-norm fixes "
                                      "were NOT installed")
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.keep_router_fp32()
+
+    def keep_router_fp32(self) -> None:
+        """Undo the engine's bf16/fp16 cast of the router (``deepspeed.initialize`` casts every parameter
+        just before calling ``set_deepspeed_parallelism``, and keeps only buffers named in
+        ``keep_in_fp32_modules`` in fp32): routing decisions come from fp32 logits of fp32 weights.
+        The optimizer, built after this, holds the router weight in fp32."""
+        cast = [p for p in self.router.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        for p in cast:
+            p.data = p.data.float()
+        engine = _calling_engine()
+        if cast and engine is not None and isinstance(engine.client_optimizer, torch.optim.Optimizer):
+            separate_param_group(engine.client_optimizer, cast, "router_fp32")
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         check_tensor_parallel_mpu(self, ds_groups.mpu)
@@ -146,6 +159,19 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
             _ensure_deepspeed_comm()
             self._create_process_groups()
         return S2MoELayer.dispatcher.fget(self)
+
+
+def separate_param_group(optimizer: torch.optim.Optimizer, params, suffix: str) -> None:
+    """Move ``params`` out of their optimizer groups into groups of their own (same options): ZeRO 1/2
+    flatten each group into ONE buffer of one dtype, so fp32 parameters among bf16 ones need a group."""
+    ids = {id(p) for p in params}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in ids]
+        if not moved or len(moved) == len(group["params"]):
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                   "name": f"{group.get('name', 'group')}_{suffix}"})
 
 
 def check_tensor_parallel_mpu(layer, mpu) -> None:
