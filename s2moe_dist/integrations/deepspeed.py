@@ -129,11 +129,22 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
         ``keep_in_fp32_modules`` in fp32): routing decisions come from fp32 logits of fp32 weights.
         The optimizer, built after this, holds the router weight in fp32."""
         cast = [p for p in self.router.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        if not cast:
+            return
+        engine = _calling_engine()
+        if engine is None or not isinstance(engine.client_optimizer, torch.optim.Optimizer):
+            # DeepSpeed builds the optimizer from model_parameters itself: a fp32 router among bf16
+            # parameters of one group would turn the whole flat ZeRO buffer fp32; keep DeepSpeed's cast
+            msg = ("s2moe_dist: the router weight stays in the training dtype under DeepSpeed bf16/fp16: it is kept "
+                   "in fp32 only when deepspeed.initialize gets a torch optimizer (e.g. torch.optim.AdamW("
+                   "s2moe_param_groups(model), ...) from s2moe_dist.integrations.deepspeed)")
+            if msg not in _warned:
+                _warned.add(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return
         for p in cast:
             p.data = p.data.float()
-        engine = _calling_engine()
-        if cast and engine is not None and isinstance(engine.client_optimizer, torch.optim.Optimizer):
-            separate_param_group(engine.client_optimizer, cast, "router_fp32")
+        separate_param_group(engine.client_optimizer, cast, "router_fp32")
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         check_tensor_parallel_mpu(self, ds_groups.mpu)
