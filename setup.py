@@ -12,6 +12,9 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "megatron": ["megatron-core>=0.8"],
         "mpi": ["mpi4py"],
+        # what s2moe-train / s2moe-eval / the quickstart need (the trainer writes TensorBoard logs)
+        "train": ["deepspeed>=0.14", "tensorboard"],
+        "docs": ["mkdocs>=1.5", "mkdocs-material>=9", "mkdocstrings[python]>=0.24"],
         "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib"],
     },
     entry_points={

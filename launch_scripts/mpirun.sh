@@ -20,8 +20,7 @@ else
 fi
 [ "$(id -u)" = "0" ] && args+=(--allow-run-as-root)
 export MASTER_PORT="$PORT"
-for v in MASTER_PORT PATH LD_LIBRARY_PATH OMP_NUM_THREADS TORCH_EXTENSIONS_DIR PYTHONUNBUFFERED VIRTUAL_ENV \
-         S2MOE_CACHE_DIR; do
-  [ -n "${!v:-}" ] && args+=(-x "$v")
+for v in MASTER_PORT $(forwarded_vars); do  # S2MOE_*, GLOO_*, NCCL_*, venv, threads (common.sh)
+  args+=(-x "$v")
 done
 exec mpirun "${args[@]}" python -m s2moe_dist.cli train "$@"

@@ -28,11 +28,24 @@ else
   pip_q "torch==$TORCH_VERSION"
   TORCH_HAVE="$TORCH_VERSION"
 fi
+# the build decides CPU or GPU training: say which, and refuse a CPU torch on a GPU machine
+TORCH_BUILD="$(python -c 'import torch; print("CUDA " + torch.version.cuda if torch.version.cuda else "CPU-only")')"
+log "torch build: $TORCH_BUILD"
+NGPUS=0
+command -v nvidia-smi >/dev/null 2>&1 && NGPUS="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+if [ "$NGPUS" -gt 0 ] && [ "$TORCH_BUILD" = CPU-only ]; then
+  log "ERROR: this machine has $NGPUS GPU(s) (nvidia-smi -L) but $VENV has a CPU-only torch $TORCH_HAVE:"
+  log "  training would run on the CPU. Install a CUDA build into it, e.g."
+  log "  $VENV/bin/pip install --force-reinstall torch==$TORCH_HAVE --index-url https://download.pytorch.org/whl/cu126"
+  log "  then rerun this script; or set S2MOE_DEVICE=cpu to keep the CPU build on purpose"
+  [ "${S2MOE_DEVICE:-}" = cpu ] || exit 1
+fi
 CONSTRAINTS="$VENV/s2moe-constraints.txt"
 echo "torch==$TORCH_HAVE" > "$CONSTRAINTS"
 export PIP_CONSTRAINT="$CONSTRAINTS"
 
-# 2. Debian's Open MPI for mpi4py (optional: skipped where apt is not usable).
+# 2. Debian's Open MPI for mpi4py (optional: skipped where apt is not usable). The two-host tests
+# install what else they need themselves (iproute2, openssh-server, pdsh, slurm-wlm, munge).
 if ! command -v mpicc >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     log "installing Debian's Open MPI (libopenmpi-dev openmpi-bin)"
@@ -48,10 +61,11 @@ NEED=""
 python -c "import deepspeed" 2>/dev/null || NEED="yes"
 python -c "import megatron.core" 2>/dev/null || NEED="yes"
 python -c "import tensorboard" 2>/dev/null || NEED="yes"
+python -c "import mkdocs, material, mkdocstrings" 2>/dev/null || NEED="yes"
 python -c "import s2moe_dist" 2>/dev/null || NEED="yes"
 if command -v mpicc >/dev/null 2>&1; then python -c "import mpi4py" 2>/dev/null || NEED="yes"; fi
 if [ -n "$NEED" ] || [ "${S2MOE_REINSTALL:-0}" = "1" ]; then
-  EXTRAS="dev,deepspeed,megatron"
+  EXTRAS="dev,deepspeed,megatron,train,docs"
   command -v mpicc >/dev/null 2>&1 && EXTRAS="$EXTRAS,mpi"
   log "installing s2moe_dist[$EXTRAS] (editable) with deepspeed, megatron-core, tensorboard"
   DS_BUILD_OPS=0 pip_q -e ".[$EXTRAS]"

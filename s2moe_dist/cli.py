@@ -7,11 +7,12 @@
 
 Bad arguments and configs exit with status 2 and one line naming the field and the fix.
 s2moe-train: 3 when NaN/Inf steps stopped the run, 4 when a checkpoint could not be written
-(README_reliability); SIGTERM (from CLI entry on, start-up included) checkpoints and exits 0.
+(docs/operations.md#exit-codes); SIGTERM (from CLI entry on, start-up included) checkpoints and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,8 +24,73 @@ def _fail(prog: str, err: Exception) -> int:
     return 2
 
 
+# what torch's collectives and rendezvous raise when a peer is gone, hung or unreachable
+COLLECTIVE_FAILURE_WORDS = ("gloo", "nccl", "timed out", "connection reset", "connection closed",
+                            "connection refused", "broken pipe")
+
+
+def collective_failed(err: BaseException) -> bool:
+    """A failed collective / rendezvous (DistNetworkError, DistStoreError, gloo or NCCL errors)."""
+    if type(err).__name__ in ("DistNetworkError", "DistStoreError", "DistBackendError"):
+        return True
+    text = str(err).lower()
+    return any(w in text for w in COLLECTIVE_FAILURE_WORDS)
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default (or that it is required), unless its help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return text + " (required)"
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything written to stdout inside (Python prints and the file descriptor, e.g. DeepSpeed's
+    "op built successfully" lines and compiler output) goes to stderr, so a console script's
+    result is the only thing on stdout."""
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    saved = sys.stdout
+    try:
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = saved
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+
+
+def library_logs_to_stderr() -> None:
+    """Send DeepSpeed's log lines to stderr, so stdout holds only what the console script prints
+    (``s2moe-eval --json | jq``). DeepSpeed's logger binds its handler to ``sys.stdout`` when it is
+    first imported and logs at import (the accelerator line), so it is imported here with stdout
+    pointing at stderr; an already-bound handler is moved too."""
+    import logging
+
+    saved = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    finally:
+        sys.stdout = saved
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2moe-train", description="Pre-train the S2MoE character LM on DeepSpeed.")
+    p = argparse.ArgumentParser(prog="s2moe-train", description="Pre-train the S2MoE character LM on DeepSpeed.",
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--config", required=True, help="run YAML (model/train/data), e.g. configs/model/tiny.yaml")
     p.add_argument("--deepspeed", default=None,
                    help="DeepSpeed JSON (ZeRO stage, bf16, offload), e.g. configs/deepspeed/zero1_fp32.json; "
@@ -34,7 +100,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="override config fields, e.g. train.steps=100 model.moe.num_experts=16")
     p.add_argument("--resume", default=None,
                    help="'auto': continue from this run's last complete checkpoint (fresh start if none); "
-                        "or a checkpoints/global_stepN folder")
+                        "or a checkpoints/global_stepN folder; default: a fresh run (an --output holding "
+                        "checkpoints is refused)")
     p.add_argument("--output", default=None, help="run folder (TensorBoard, checkpoints, metrics); "
                                                   "default runs/<config name>")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
@@ -53,6 +120,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     flags = SignalFlags().install()
     try:
         args = train_parser().parse_args(argv)
+        library_logs_to_stderr()
         from .train.checkpoint import CheckpointError
         from .train.nonfinite import NonFiniteError
         from .train.trainer import TrainArgs, train
@@ -69,18 +137,20 @@ def train_main(argv: Optional[List[str]] = None) -> int:
             _fail("s2moe-train", e)
             return EXIT_CHECKPOINT
         except RuntimeError as e:  # a collective failed: say what it means, keep the traceback
-            text = str(e)
-            if any(w in text for w in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed")):
+            if collective_failed(e):
                 print("s2moe-train: error: a collective failed: another rank died or hung (collective timeout: "
-                      "train.collective_timeout_s); the job stops here, --resume auto continues from the last "
-                      "complete checkpoint", file=sys.stderr, flush=True)
+                      "train.collective_timeout_s), or the rendezvous at MASTER_ADDR:MASTER_PORT="
+                      f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is unreachable; the job "
+                      "stops here, --resume auto continues from the last complete checkpoint",
+                      file=sys.stderr, flush=True)
             raise
     finally:
         flags.uninstall()
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2moe-eval", description="Bits per character of an s2moe-train checkpoint.")
+    p = argparse.ArgumentParser(prog="s2moe-eval", description="Bits per character of an s2moe-train checkpoint.",
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--checkpoint", required=True,
                    help="a run's --output folder, its checkpoints/ folder or a checkpoints/global_stepN folder")
     p.add_argument("--data", default=None, help="text8 / enwik8 file; default: the file the run trained on")
@@ -89,7 +159,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="split of the file")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default all)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of text (nothing else goes to stdout)")
     return p
 
 
@@ -132,9 +203,11 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, eval_k: Opt
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     args = eval_parser().parse_args(argv)
+    library_logs_to_stderr()
     try:
-        out = evaluate_checkpoint(args.checkpoint, args.data, args.eval_k, args.split, args.max_windows,
-                                  args.batch_size)
+        with stdout_to_stderr():  # only the result goes to stdout (--json | jq)
+            out = evaluate_checkpoint(args.checkpoint, args.data, args.eval_k, args.split, args.max_windows,
+                                      args.batch_size)
     except ValueError as e:
         return _fail("s2moe-eval", e)
     finally:
@@ -162,6 +235,7 @@ def ckpt_main(argv: Optional[List[str]] = None) -> int:
     if argv[0] != "reshard":
         print(f"s2moe-ckpt: unknown command {argv[0]!r}\n{CKPT_USAGE}", file=sys.stderr)
         return 2
+    library_logs_to_stderr()
     from .integrations.reshard import main
     try:
         return main(argv[1:])

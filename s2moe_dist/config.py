@@ -48,9 +48,68 @@ def from_mapping(cls, data: Optional[Mapping[str, Any]], owner: str):
 
 @dataclass
 class S2MoEConfig:
-    """Configuration of one S2MoE layer (DESIGN.md section 1).
+    """Configuration of one S2MoE layer (docs/design.md section 1).
 
     DeepSpeed ``MoE`` keywords keep their names and meaning; the S2MoE knobs follow them.
+    The reference table in docs/layer.md is generated from the attribute list below
+    (``python tools/config_reference.py --write``); a test fails when the two differ.
+
+    Attributes:
+        hidden_size: Model width d: the layer maps ``[..., d]`` to ``[..., d]``.
+        num_experts: Number of experts E (global, over all expert-parallel ranks).
+        k: Experts per token in training (top-k routing).
+        ffn_hidden_size: Expert hidden size h; ``None`` means ``4 * hidden_size``.
+        ep_size: Expert-parallel size: ranks the experts are split over; must divide ``num_experts``.
+            ``ep_size > 1`` needs ``torch.distributed`` initialised before the layer is built.
+        activation: Expert activation: ``relu``, ``gelu`` (exact erf) or ``swiglu``
+            (``silu(x W_gate) * (x W_up)``).
+        expert_bias: Expert biases ``b1``, ``b2`` (start at zero).
+        capacity_factor: With ``drop_tokens``: training capacity per expert and stream is
+            ``max(ceil(T*k/E * capacity_factor), min_capacity)``.
+        eval_capacity_factor: With ``drop_tokens``: the same factor at inference.
+        min_capacity: With ``drop_tokens``: the smallest capacity per expert.
+        drop_tokens: Capacity mode: slots over capacity are dropped, in DeepSpeed's priority (all
+            first choices before any second choice, token order). Default ``False`` (DeepSpeed:
+            ``True``): dropless, variable group sizes, nothing padded.
+        use_rts: With ``drop_tokens``: random priority among first choices in training. Default
+            ``False`` (DeepSpeed: ``True``).
+        use_residual: Residual MoE: ``True`` raises ``ValueError`` (not supported).
+        noisy_gate_policy: DeepSpeed's gate noise: anything but ``None`` raises ``ValueError``
+            (S2MoE has its own noise module).
+        use_tutel: ``True`` raises ``ValueError`` (the dispatcher is dropless and sorted).
+        enable_expert_tensor_parallelism: Split each expert over the Megatron tensor-parallel
+            group; ``True`` with no TP group registered raises ``ValueError`` naming the fix;
+            ignored at TP size 1.
+        top2_2nd_expert_sampling: At k=2 in training, draw the second expert with Gumbel noise;
+            ignored at other k, as in DeepSpeed. Default ``False`` (DeepSpeed: ``True``).
+        moe_type: ``s2moe``, or ``smoe``: the same layer without noise and gate (the paper's
+            SMoE baseline).
+        noise_mult_std: a: ``n1 ~ N(1, (a*sigma_x)^2)``; ``a = b = 0`` gives ``x_hat = x``.
+        noise_add_std: b: ``n2 ~ N(0, (b*sigma_x)^2)``.
+        noise_add_mean: ``n2 ~ N(mu_x, (b*sigma_x)^2)``, the other reading of the paper.
+        noise_draws: Gaussian draws per hidden element: ``2`` (``x_hat = n1*x + n2``, the paper's
+            form) or ``1`` (``x_hat = x + sigma_x*sqrt(a^2 x^2 + b^2)*eps``: the same distribution of
+            ``x_hat`` with half the random numbers; its reparametrised gradient differs, both are
+            unbiased). Stays ``2`` until the quality benchmark shows ``1`` trains no worse.
+        noisy_routing: Route the noisy stream on ``x_hat`` (``own``) or reuse the clean routing
+            (``shared``).
+        uncertainty_on: InfoNCE on ``(x, x_hat)`` (``input``: its gradient reaches the layers that
+            produced ``x``) or on ``(SMoE(x), SMoE(x_hat))`` (``output``: trains router and
+            experts too).
+        infonce_temperature: tau of InfoNCE.
+        infonce_max_tokens: Token sample size bounding InfoNCE's N x N logits.
+        balance_coef: alpha: weight of the balance loss in ``aux_loss()`` / ``s2moe_aux_loss``.
+        uncertainty_coef: beta: weight of the InfoNCE loss in ``aux_loss()`` / ``s2moe_aux_loss``.
+        eval_mode: Inference: ``clean`` (one stream, no noise) or ``noisy`` (the training
+            computation, seeded).
+        eval_k: Experts per token at inference; ``None`` means ``k``.
+        eval_seed: Noise seed of ``eval_mode="noisy"``.
+        router_type: ``topk``, or the paper's router baselines ``xmoe`` (Chi et al. 2022) and
+            ``stablemoe`` (Dai et al. 2022); works with either ``moe_type``.
+        router_dim: ``xmoe``: dimension tokens are projected to for routing.
+        router_temperature: ``xmoe``: initial (learnable) temperature.
+        freeze_router_after: ``stablemoe``: training forwards before the router is frozen
+            (stage 2); ``None``: never.
     """
 
     hidden_size: int
@@ -76,6 +135,7 @@ class S2MoEConfig:
     noise_mult_std: float = 1.0
     noise_add_std: float = 1.0
     noise_add_mean: bool = False
+    noise_draws: int = 2  # 1: one Gaussian draw per element, same x_hat distribution (docstring)
     noisy_routing: str = "own"
     uncertainty_on: str = "input"
     infonce_temperature: float = 0.1
@@ -139,6 +199,8 @@ class S2MoEConfig:
                                    f"got router_type={self.router_type!r}); leave it None")
         check_float(o, "noise_mult_std", self.noise_mult_std)
         check_float(o, "noise_add_std", self.noise_add_std)
+        if isinstance(self.noise_draws, bool) or self.noise_draws not in (1, 2):
+            raise config_error(o, "noise_draws", self.noise_draws, "must be 1 or 2 (Gaussian draws per element)")
         check_float(o, "infonce_temperature", self.infonce_temperature, strict=True)
         check_int(o, "infonce_max_tokens", self.infonce_max_tokens, 2)
         check_float(o, "balance_coef", self.balance_coef)

@@ -13,6 +13,8 @@ cancels the jobs and stops the daemons by PID.
 from __future__ import annotations
 
 import ctypes
+import glob
+import json
 import os
 import select
 import shutil
@@ -23,10 +25,14 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# the node is named after this host so its name resolves (jobs use it as MASTER_ADDR)
-NODE = socket.gethostname().split(".")[0]
+# a node name that resolves nowhere, as on clusters whose NodeName is not a host name: jobs must take
+# the node's NodeAddr (127.0.0.1) as MASTER_ADDR. NodeHostname is this host (slurmd -N picks the node).
+NODE = "s2moenode%04x" % (os.getpid() % 0x10000)
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "srun")
 READY = "SLURM_CONF="
+# SIGTERM -> SIGKILL grace of a cancelled job: the ranks checkpoint in it, which on a loaded machine
+# took longer than Slurm's 30 s default (a real cluster needs KillWait above its checkpoint time too)
+KILL_WAIT = 120
 
 
 def free_port() -> int:
@@ -63,16 +69,18 @@ def _sbin(name: str) -> str:
 
 
 class SlurmClient:
-    """Commands against the cluster whose files are under ``root``."""
+    """Commands against the cluster whose files are under ``root``. ``prefix``: what runs a command
+    where slurmctld is reachable (the first simulated host of a multi-node cluster), else nothing."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, prefix: Optional[List[str]] = None):
         self.root = os.path.abspath(root)
         self.conf = os.path.join(self.root, "slurm.conf")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
+        self.prefix = list(prefix or [])
 
     def run(self, cmd: List[str], check: bool = True, timeout: float = 30,
             env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        out = subprocess.run(self.prefix + cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                              env={**self.env, **(env or {})})
         if check and out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()}")
@@ -92,8 +100,8 @@ class SlurmClient:
 
     def logs(self, tail: int = 3000) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
-            path = os.path.join(self.root, "log", name)
+        for path in sorted(glob.glob(os.path.join(self.root, "log", "*.log"))):
+            name = os.path.basename(path)
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
                     parts.append(f"--- {name} (tail) ---\n" + f.read()[-tail:])
@@ -103,8 +111,13 @@ class SlurmClient:
 class SlurmCluster(SlurmClient):
     """The daemons, as children of this process (the supervisor)."""
 
-    def __init__(self, root: str, cpus: int = 2):
-        super().__init__(root)
+    def __init__(self, root: str, cpus: int = 2, nodes: Optional[List[dict]] = None):
+        """``nodes``: several nodes, one per simulated host, each a dict of ``name`` (NodeName),
+        ``addr`` (NodeAddr), ``hostname`` (NodeHostname) and ``prefix`` (the command that runs a
+        program on that host); slurmctld and the clients run on the first. None: this host."""
+        self.nodes = nodes or [{"name": NODE, "addr": "127.0.0.1", "hostname": socket.gethostname().split(".")[0],
+                                "prefix": []}]
+        super().__init__(root, self.nodes[0]["prefix"])
         self.cpus = cpus
         self.procs: Dict[str, subprocess.Popen] = {}
 
@@ -120,11 +133,19 @@ class SlurmCluster(SlurmClient):
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
         os.chmod(key, 0o400)
-        host = socket.gethostname().split(".")[0]
+        head = self.nodes[0]
+        many = len(self.nodes) > 1
+        spool, pid, log = ((f"{r}/spool/%n", f"{r}/slurmd.%n.pid", f"{r}/log/slurmd.%n.log") if many else
+                           (f"{r}/spool", f"{r}/slurmd.pid", f"{r}/log/slurmd.log"))
+        for n in self.nodes:
+            os.makedirs(os.path.join(r, "spool", n["name"]), exist_ok=True)
+        node_lines = "\n".join(f"NodeName={n['name']} NodeAddr={n['addr']} NodeHostname={n['hostname']} "
+                               f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
+        names = ",".join(n["name"] for n in self.nodes)
         self.socket = os.path.join(r, "munge", "munge.socket")
         conf = f"""\
 ClusterName=s2moetest
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={head["hostname"]}({head["addr"]})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={free_port()}
@@ -133,11 +154,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.socket}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={pid}
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={log}
+SlurmdTimeout=30
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -150,17 +172,17 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-KillWait=30
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+KillWait={KILL_WAIT}
+{node_lines}
+PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
         with open(self.conf, "w") as f:
             f.write(conf)
 
     # ---- daemons ------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: List[str]) -> None:
+    def _spawn(self, name: str, cmd: List[str], prefix: Optional[List[str]] = None) -> None:
         log = open(os.path.join(self.root, "log", f"{name}.stdout"), "ab")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        self.procs[name] = subprocess.Popen(list(prefix or []) + cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
         log.close()
 
@@ -183,16 +205,17 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
                                f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
                                f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge/munged.seed"])
         self._wait("munged's socket", lambda: os.path.exists(self.socket), timeout)
-        self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", self.conf])
+        self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", self.conf], self.prefix)
         self._wait("slurmctld", lambda: self.run(["scontrol", "ping"], check=False).returncode == 0
                    and "UP" in self.run(["scontrol", "ping"], check=False).stdout, timeout)
-        self._spawn("slurmd", [_sbin("slurmd"), "-D", "-N", NODE, "-f", self.conf])
-        self._wait(f"node {NODE} idle", self._node_ready, timeout)
+        for n in self.nodes:
+            self._spawn(f"slurmd.{n['name']}", [_sbin("slurmd"), "-D", "-N", n["name"], "-f", self.conf], n["prefix"])
+        self._wait("every node idle", self._node_ready, timeout)
         return self
 
     def _node_ready(self) -> bool:
-        out = self.run(["scontrol", "show", "node", NODE, "-o"], check=False).stdout
-        return "State=IDLE" in out
+        out = self.run(["scontrol", "show", "node", "-o"], check=False).stdout
+        return out.count("State=IDLE") == len(self.nodes)
 
     def cancel_all(self, timeout: float = 30) -> None:
         """SIGKILL every job of this cluster and wait until slurmd has cleaned them up, so no
@@ -213,7 +236,8 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
     def stop(self) -> None:
         """Cancel the jobs, SIGTERM each daemon (slurmd first), SIGKILL what is left after 10 s; reap all."""
         self.cancel_all()
-        for name in ("slurmd", "slurmctld", "munged"):
+        order = [k for k in self.procs if k.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in order:
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -252,13 +276,13 @@ def _reap_orphans(keep) -> None:
                 pass
 
 
-def supervise(root: str, cpus: int) -> int:
+def supervise(root: str, cpus: int, nodes: Optional[List[dict]] = None) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned slurmstepds become our children
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
-    cluster = SlurmCluster(root, cpus)
+    cluster = SlurmCluster(root, cpus, nodes)
     try:
         cluster.start()
     except Exception as e:  # noqa: BLE001 - reported to the parent, then the daemons are stopped
@@ -282,27 +306,36 @@ def supervise(root: str, cpus: int) -> int:
 class LocalSlurm(SlurmClient):
     """A supervised cluster started from a test: ``LocalSlurm.launch(root)``, ``.stop()``."""
 
-    def __init__(self, root: str, proc: subprocess.Popen):
-        super().__init__(root)
+    def __init__(self, root: str, proc: subprocess.Popen, prefix: Optional[List[str]] = None):
+        super().__init__(root, prefix)
         self.proc = proc
 
     @classmethod
-    def launch(cls, root: str, cpus: int = 2, timeout: float = 90) -> "LocalSlurm":
-        """Raises RuntimeError (with the daemons' logs) when the cluster does not come up."""
+    def launch(cls, root: str, cpus: int = 2, timeout: float = 90, nodes: Optional[List[dict]] = None
+               ) -> "LocalSlurm":
+        """Raises RuntimeError (with the daemons' logs) when the cluster does not come up.
+        ``nodes``: see SlurmCluster (one node per simulated host)."""
         os.makedirs(root, exist_ok=True)
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cpus", str(cpus), root],
+        extra = []
+        if nodes:
+            path = os.path.join(root, "nodes.json")
+            with open(path, "w") as f:
+                json.dump(nodes, f)
+            extra = ["--nodes", path]
+        prefix = nodes[0]["prefix"] if nodes else None
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cpus", str(cpus), *extra, root],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen, end = [], time.monotonic() + timeout
         while time.monotonic() < end:
             ready, _, _ = select.select([proc.stdout], [], [], 1.0)
             line = proc.stdout.readline() if ready else ""
             if line.startswith(READY):
-                return cls(root, proc)
+                return cls(root, proc, prefix)
             if line:
                 seen.append(line)
             elif ready or proc.poll() is not None:  # EOF: the supervisor is gone
                 break
-        cluster = cls(root, proc)
+        cluster = cls(root, proc, prefix)
         cluster.stop()
         raise RuntimeError("local Slurm did not start: " + "".join(seen).strip() + "\n" + cluster.logs())
 
@@ -323,9 +356,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Run a single-node Slurm under DIR until SIGTERM / Ctrl-C.")
     ap.add_argument("root", metavar="DIR")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--nodes", help="JSON list of nodes (SlurmCluster): one per simulated host")
     a = ap.parse_args()
     why = ensure_installed()
     if why:
         print("ERROR: " + why, flush=True)
         sys.exit(1)
-    sys.exit(supervise(a.root, a.cpus))
+    nodes = None
+    if a.nodes:
+        with open(a.nodes) as f:
+            nodes = json.load(f)
+    sys.exit(supervise(a.root, a.cpus, nodes))

@@ -23,6 +23,24 @@ class ModelConfig:
 
     ``moe`` holds the S2MoE layer's fields (``S2MoEConfig`` without ``hidden_size``, which is
     ``d_model``), e.g. ``{num_experts: 16, k: 2, ffn_hidden_size: 512, moe_type: smoe}``.
+    The ``model:`` table in docs/training.md is generated from the attribute list below.
+
+    Attributes:
+        vocab_size: Vocabulary size; ``None``: taken from the data set when the model is built.
+        seq_len: Sequence length (characters per window).
+        n_layers: Transformer blocks.
+        d_model: Model width (the S2MoE layers' ``hidden_size``).
+        n_heads: Attention heads; must divide ``d_model``.
+        d_ff: Hidden size of the dense MLP blocks; ``None`` means ``4 * d_model``.
+        dropout: Dropout probability (attention and residual stream).
+        activation: Dense MLP activation (``relu``, ``gelu``, ``swiglu``).
+        pos_encoding: ``learned`` or ``rotary`` positions.
+        rotary_base: Base of the rotary frequencies.
+        tie_embeddings: LM head shares the embedding matrix.
+        moe_every: Block i has an S2MoE FFN when ``(i + 1) % moe_every == 0``, a dense MLP
+            otherwise; 0: no MoE.
+        moe: The S2MoE layer's fields (docs/layer.md#config-reference), without ``hidden_size``.
+        tp_size: Megatron tensor parallelism of attention and dense MLPs (world = TP x DP).
     """
 
     vocab_size: Optional[int] = None  # None: taken from the data set when the model is built

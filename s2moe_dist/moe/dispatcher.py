@@ -14,9 +14,11 @@ general index_select / index_add path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+from .router import expert_counts
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -75,7 +77,8 @@ def _sum_over_slots(rows: torch.Tensor, k: int) -> torch.Tensor:
 
 class _WeightedSlotSum(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * rows[t*k + j] for token-major rows [N*k, d] and weights [N, k];
-    the backward writes each slot's gradient into one [N*k, d] buffer (no zero fill)."""
+    the backward writes each slot's gradient into one [N*k, d] buffer (no zero fill, no ``out=`` into
+    strided views, which torch.compile refuses)."""
 
     @staticmethod
     def forward(ctx, rows, w):
@@ -93,11 +96,8 @@ class _WeightedSlotSum(torch.autograd.Function):
         n, k = w.shape
         r = rows.view(n, k, rows.shape[-1])
         grad_rows = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = torch.empty_like(rows)
-            g3 = grad_rows.view(n, k, rows.shape[-1])
-            for j in range(k):
-                torch.mul(grad, w[:, j:j + 1], out=g3[:, j])
+        if ctx.needs_input_grad[0]:  # one broadcast multiply into the [N, k, d] buffer
+            grad_rows = (grad.unsqueeze(1) * w.unsqueeze(-1)).view(n * k, rows.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = torch.stack([(grad * r[:, j]).sum(dim=-1) for j in range(k)], dim=1)
         return grad_rows, grad_w
@@ -123,14 +123,21 @@ class SortedSlots:
         return self.token_weights.reshape(-1)[self.order]
 
 
-def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> SortedSlots:
-    """Sort the [N, k] slots by expert (stable: token order within an expert); drop -1 slots."""
+def sort_slots(dispatch_idx: torch.Tensor, weights: torch.Tensor, num_experts: int,
+               num_dropped: Optional[Union[int, torch.Tensor]] = None) -> SortedSlots:
+    """Sort the [N, k] slots by expert (stable: token order within an expert); drop -1 slots.
+
+    ``num_dropped``: the routing's count of -1 slots (``Routing.num_dropped``). The int 0 (dropless)
+    costs no host sync; a tensor, or None (counted here), is read once to size the kept slots."""
     n, k = dispatch_idx.shape
     flat_e = dispatch_idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e[flat_e >= 0], minlength=num_experts)
-    dropped = flat_e.numel() - int(counts.sum())
-    order = order[dropped:]  # -1 (dropped) slots sort first
+    counts = expert_counts(flat_e, num_experts)
+    if num_dropped is None:
+        num_dropped = flat_e.numel() - counts.sum()
+    dropped = int(num_dropped)  # a host sync unless the routing is dropless (a Python int)
+    if dropped:
+        order = order[dropped:]  # -1 (dropped) slots sort first
     return SortedSlots(order=order, counts=counts, k=k, token_weights=weights,
                        inverse=None if dropped else inverse_permutation(order))
 
@@ -158,7 +165,8 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts):
-        slots = sort_slots(dispatch_idx, weights, self.num_experts)
+    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts,
+                 num_dropped=None):
+        slots = sort_slots(dispatch_idx, weights, self.num_experts, num_dropped)
         expert_out = experts(gather_tokens(tokens, slots), slots.counts)
         return combine(expert_out, slots, tokens.shape[0]), slots.counts

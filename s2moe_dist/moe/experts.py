@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +33,87 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    # grouped_mm needs 16-byte aligned strides (fp32: multiples of 4 elements, bf16: of 8)
-    return (t.shape[-1] * t.element_size()) % 16 == 0
+    """grouped_mm needs 16-byte aligned row strides (fp32: multiples of 4 elements, bf16: of 8)
+    and base addresses (CUDA raises on a misaligned pointer instead of falling back)."""
+    if (t.shape[-1] * t.element_size()) % 16:
+        return False
+    # no address while torch.compile traces: inductor copies misaligned graph inputs itself, and
+    # the buffers it allocates are aligned
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _group_sizes(offs: torch.Tensor) -> list:
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()  # a host sync: the fallback only
+
+
+def _mm_per_group(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's two forms as one matmul per group (shapes or dtypes grouped_mm refuses):
+    a [S, d] @ b [E, d, h] -> [S, h];  a [d, S] @ b [S, h] -> [E, d, h] (groups along S)."""
+    sizes = _group_sizes(offs)
+    if b.dim() == 3:
+        return torch.cat([c @ b[i] for i, c in enumerate(torch.split(a, sizes))], dim=0)
+    return torch.stack([ca @ cb for ca, cb in zip(torch.split(a, sizes, dim=1), torch.split(b, sizes))])
+
+
+def _grouped_mm_any(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, fast: bool) -> torch.Tensor:
+    return F.grouped_mm(a, b, offs=offs) if fast else _mm_per_group(a, b, offs)
+
+
+# torch.compile: the meta (shape) kernel of aten._grouped_mm accepts only bf16, and the per-group
+# fallback needs the group sizes on the host. For those cases the whole grouped GEMM is one opaque
+# custom op with its own shape function, so fullgraph tracing holds; its backward is another.
+@torch.library.custom_op("s2moe::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_any(x, w, offs, _aligned(x) and _aligned(w))
+
+
+@_opaque_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("s2moe::grouped_mm_backward", mutates_args=())
+def _opaque_grouped_mm_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                                offs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    fast = _aligned(grad) and _aligned(x) and _aligned(w)
+    # the formulas of grouped_mm's own backward: dx = g w^T per group, dw_e = x_e^T g_e
+    return (_grouped_mm_any(grad, w.transpose(-2, -1), offs, fast),
+            _grouped_mm_any(x.t(), grad, offs, fast))
+
+
+@_opaque_grouped_mm_backward.register_fake
+def _(grad, x, w, offs):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _opaque_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _opaque_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    dx, dw = _opaque_grouped_mm_backward(grad, x, w, offs)
+    return dx, dw, None
+
+
+_opaque_grouped_mm.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # grouped_mm wants matching dtypes; under autocast cast to the autocast dtype ourselves.
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dt), w.to(dt)
     elif w.dtype != x.dtype:
         x = x.to(w.dtype)
+    x = x.contiguous()
+    if torch.compiler.is_compiling() and not (x.dtype == torch.bfloat16 and _aligned(x) and _aligned(w)):
+        return _opaque_grouped_mm(x, w, offs)
     if _aligned(x) and _aligned(w):
-        return _ContiguousGrad.apply(F.grouped_mm(x.contiguous(), w, offs=offs))
-    # odd sizes (tiny test shapes): one matmul per expert
-    return torch.cat([c @ w[i] for i, c in enumerate(torch.split(x, counts.tolist()))], dim=0)
+        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
+    # odd sizes (tiny test shapes) or a misaligned buffer: one matmul per expert
+    return _mm_per_group(x, w, offs)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -78,15 +144,19 @@ class ExpertBank(nn.Module):
         default RNG: the same experts come out whatever the expert- and tensor-parallel sizes
         (the full expert is drawn, then this TP rank's shard kept)."""
         from .tp_shards import shard_tensor
-        base = int(torch.randint(0, 2**62, (1,)).item())
+        if self.w1.is_meta:  # deferred initialisation: nothing to fill (to_empty(), then call again)
+            return
+        # drawn on the CPU from CPU generators whatever the default device (a CUDA default device
+        # would otherwise meet a CPU generator), then copied: the same values on every device
+        base = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         d, h = self.w2.shape[2], self.ffn_hidden_size
         width = 2 * h if self.activation == "swiglu" else h
         shard = (lambda name, w: shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu"))
         with torch.no_grad():
             for i in range(self.num_local_experts):
-                g = torch.Generator().manual_seed(base + first_expert + i)
-                w1 = torch.empty(d, width).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=g)
-                w2 = torch.empty(h, d).uniform_(-1 / math.sqrt(h), 1 / math.sqrt(h), generator=g)
+                g = torch.Generator(device="cpu").manual_seed(base + first_expert + i)
+                w1 = torch.empty(d, width, device="cpu").uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=g)
+                w2 = torch.empty(h, d, device="cpu").uniform_(-1 / math.sqrt(h), 1 / math.sqrt(h), generator=g)
                 self.w1[i].copy_(shard("w1", w1))
                 self.w2[i].copy_(shard("w2", w2))
 
@@ -104,10 +174,10 @@ class ExpertBank(nn.Module):
             zero = self.w1.sum() * 0 + self.w2.sum() * 0
             return x.new_zeros(0, self.w2.shape[2]) + zero.to(x.dtype)
         offs = _offsets(counts)
-        h = _grouped_mm(x, self.w1, offs, counts)
+        h = _grouped_mm(x, self.w1, offs)
         if self.b1 is not None:
             h = h + torch.repeat_interleave(self.b1, counts, dim=0, output_size=x.shape[0]).to(h.dtype)
-        h = _grouped_mm(self._act(h), self.w2, offs, counts)
+        h = _grouped_mm(self._act(h), self.w2, offs)
         if self.b2 is not None and add_b2:
             h = h + torch.repeat_interleave(self.b2, counts, dim=0, output_size=x.shape[0]).to(h.dtype)
         return h

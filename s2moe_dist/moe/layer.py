@@ -1,4 +1,4 @@
-"""The S2MoE layer, pure PyTorch (DESIGN.md section 1).
+"""The S2MoE layer, pure PyTorch (docs/design.md section 1).
 
     y = g(x) * SMoE(x) + (1 - g(x)) * SMoE(x_hat),   x_hat = n1 * x + n2,   g = sigmoid(x W_g + b_g)
 
@@ -16,7 +16,8 @@ from torch import nn
 from ..config import S2MoEConfig
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
-from .losses import balance_loss, infonce_accuracy, infonce_loss_stacked
+from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
+from .losses import balance_loss
 from .mix import gated_mix
 from .noise import GaussianNoise
 from .router import Routing, TopKRouter
@@ -24,6 +25,7 @@ from .router_variants import build_router
 from .aux_grad import attach_aux_grad
 from .noisy_gate import NoisyGateRouter
 from .residual import ResidualMLP, residual_mix
+from .stream_balance import two_stream_balance_loss
 from .tp_dispatcher import tensor_parallel_plan
 
 # Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
@@ -130,7 +132,7 @@ class S2MoELayer(nn.Module):
         self.is_s2moe = cfg.moe_type == "s2moe"
         if self.is_s2moe:
             self.gate = nn.Linear(cfg.hidden_size, 1)
-            self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean)
+            self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean, cfg.noise_draws)
         if cfg.use_residual:  # PR-MoE (moe/residual.py); DeepSpeed's parameter names
             if self.tp_plan is not None:
                 raise ValueError("S2MoEConfig.use_residual=True is invalid with tensor-parallel S2MoE layers (the "
@@ -158,7 +160,9 @@ class S2MoELayer(nn.Module):
         return self._dispatcher
 
     def set_dispatcher(self, dispatcher) -> None:
-        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here."""
+        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here; it is
+        called as ``dispatcher(tokens, dispatch_idx, weights, experts, num_dropped=...)`` with the
+        routing's dropped-slot count (the int 0 when dropless: no host read needed)."""
         self._dispatcher = dispatcher
 
     def dispatcher_for(self, ep_group):
@@ -178,18 +182,19 @@ class S2MoELayer(nn.Module):
                            second_expert_sampling=cfg.top2_2nd_expert_sampling and self.training)
 
     def _route_two_streams(self, tokens: torch.Tensor, T: int, k: int):
-        """Routings of the clean rows ``tokens[:T]`` and the noisy rows ``tokens[T:]``, and the
-        [2T, k] experts and weights to dispatch all rows with."""
+        """Routings of the clean rows ``tokens[:T]`` and the noisy rows ``tokens[T:]``, the
+        [2T, k] experts and weights to dispatch all rows with, and the joint routing of all rows
+        when one router call routed both streams (else None)."""
         if self.config.noisy_routing != "own":  # the noisy stream goes where its clean token goes
             r = self._route(tokens[:T], k)
-            return r, r, r.dispatch_idx.repeat(2, 1), r.weights.repeat(2, 1)
+            return r, r, r.dispatch_idx.repeat(2, 1), r.weights.repeat(2, 1), None
         if type(self.router) is TopKRouter and not self.config.drop_tokens:
             # top-k rows route independently (no capacity): one logits GEMM, softmax and top-k for both
             r = self._route(tokens, k)
-            return r.rows(0, T), r.rows(T, 2 * T), r.dispatch_idx, r.weights
+            return r.rows(0, T), r.rows(T, 2 * T), r.dispatch_idx, r.weights, r
         r_clean, r_noisy = self._route(tokens[:T], k), self._route(tokens[T:], k)  # per-stream capacity
         return (r_clean, r_noisy, torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx]),
-                torch.cat([r_clean.weights, r_noisy.weights]))
+                torch.cat([r_clean.weights, r_noisy.weights]), None)
 
     def _balance(self, r: Routing) -> torch.Tensor:
         """Switch balance loss, or the router's own (StableMoE's)."""
@@ -214,7 +219,7 @@ class S2MoELayer(nn.Module):
 
         if not two_streams:
             r = self._route(x, k)
-            out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts)
+            out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts, num_dropped=r.num_dropped)
             self.l_aux = self._balance(r)
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
             self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
@@ -224,25 +229,33 @@ class S2MoELayer(nn.Module):
         gen = None
         if not self.training:  # eval_mode="noisy": seeded, reproducible noise
             gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
-        tokens = self.noise(x, generator=gen, stacked=True)  # [2T, d]: x, then x_hat = n1 * x + n2
-        r_clean, r_noisy, idx, w = self._route_two_streams(tokens, T, k)
-        out, counts = self.dispatcher(tokens, idx, w, self.experts)  # ONE dispatch for both streams
+        # [2T, d]: x, then x_hat = n1 * x + n2; in training also InfoNCE's sample of the input rows
+        sample = cfg.infonce_max_tokens if self.training and cfg.uncertainty_on == "input" else None
+        tokens = self.noise(x, generator=gen, stacked=True, sample_tokens=sample)
+        r_clean, r_noisy, idx, w, joint = self._route_two_streams(tokens, T, k)
+        dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
+        out, counts = self.dispatcher(tokens, idx, w, self.experts, num_dropped=dropped)  # ONE dispatch, both streams
         g = torch.sigmoid(self.gate(x))
         y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
-        bal_clean = self._balance(r_clean)
         if r_noisy is r_clean:
-            self.l_aux = bal_clean
+            self.l_aux = self._balance(r_clean)
+        elif joint is not None:  # both streams from one top-k call: one pass, no [T, E] slices
+            self.l_aux = two_stream_balance_loss(joint.probs, joint.expert_idx, self.num_experts)
         else:
+            bal_clean = self._balance(r_clean)
             self.l_aux = 0.5 * (bal_clean + self._balance(r_noisy))
         if self.training:
             stacked = tokens if cfg.uncertainty_on == "input" else out  # [2T, d]: clean rows, then noisy
             z, z_hat = stacked[:T], stacked[T:]
-            self.uncertainty_loss = infonce_loss_stacked(stacked, cfg.infonce_temperature, cfg.infonce_max_tokens)
+            if self.noise.sampled_pair is not None:  # sampled by the noise module (its backward adds the grads)
+                self.uncertainty_loss = infonce_pair(self.noise.sampled_pair, cfg.infonce_temperature)
+            else:
+                self.uncertainty_loss = infonce_loss_stacked(stacked, cfg.infonce_temperature,
+                                                             cfg.infonce_max_tokens)
         else:
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
-        dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
         self._record(counts, dropped, 2 * r_clean.expert_idx.numel(), gate=g, z=z, z_hat=z_hat)
         self._routed_idx = (r_clean.expert_idx.detach(), r_noisy.expert_idx.detach())
         return self._output(y, x, shape, hidden_states.dtype), self.l_aux, counts.detach()
@@ -271,8 +284,9 @@ class S2MoELayer(nn.Module):
         return torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
 
-    def _record(self, counts, dropped: int, slots: int, gate=None, z=None, z_hat=None) -> None:
-        """Detached per-layer statistics for logging (TensorBoard); cheap, no extra sync."""
+    def _record(self, counts, dropped, slots: int, gate=None, z=None, z_hat=None) -> None:
+        """Detached per-layer statistics for logging (TensorBoard); cheap, no host sync (``dropped``,
+        an int or a 0-dim tensor, stays one: the logger reads it when it logs)."""
         stats = {"expert_counts": counts.detach(), "drop_fraction": dropped / max(1, slots)}
         if gate is not None:
             stats["gate_mean"] = gate.detach().float().mean()

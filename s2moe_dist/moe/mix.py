@@ -1,4 +1,4 @@
-"""The gated mix of S2MoE's two streams: ``y = g * out[:T] + (1 - g) * out[T:]`` (DESIGN.md 1.4).
+"""The gated mix of S2MoE's two streams: ``y = g * out[:T] + (1 - g) * out[T:]`` (docs/design.md 1.5).
 
 ``out`` is the dispatcher's [2T, d] output (clean rows, then noisy rows). Splitting it and mixing
 with ``lerp`` would make autograd ``cat`` the two halves' gradients back together (a [2T, d] copy);

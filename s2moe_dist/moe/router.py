@@ -1,4 +1,4 @@
-"""Top-k router (DESIGN.md 1.2): fp32 logits, softmax, top-k, combine weights, capacity drops.
+"""Top-k router (docs/design.md 1.2): fp32 logits, softmax, top-k, combine weights, capacity drops.
 
 Combine weights: renormalised over the kept experts for layers trained with k >= 2 (also at
 another eval_k), the raw top-1 probability for k = 1 (Switch / DeepSpeed), so the router learns
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +21,37 @@ class Routing:
     expert_idx: torch.Tensor  # [T, k] chosen experts before capacity drops (for the balance loss)
     dispatch_idx: torch.Tensor  # [T, k] experts to dispatch to; -1 marks a dropped slot
     weights: torch.Tensor     # [T, k] fp32 combine weights (0 for dropped slots)
-    num_dropped: int = 0
+    # dropped slots: the int 0 for a dropless routing (known without reading the device), a 0-dim
+    # tensor when capacity was applied (reading it is a host sync, left to whoever needs the value)
+    num_dropped: Union[int, torch.Tensor] = 0
 
     @property
-    def drop_fraction(self) -> float:
+    def dropless(self) -> bool:
+        """No capacity applied: every slot is dispatched (decided without a host sync)."""
+        return not torch.is_tensor(self.num_dropped) and self.num_dropped == 0
+
+    @property
+    def drop_fraction(self) -> Union[float, torch.Tensor]:
         return self.num_dropped / max(1, self.expert_idx.numel())
 
     def rows(self, start: int, end: int) -> "Routing":
         """The routing of tokens [start, end) of a dropless routing (capacity couples the rows)."""
-        if self.num_dropped:
+        if not self.dropless:
             raise ValueError("Routing.rows: a routing with capacity drops cannot be split by rows")
         return Routing(probs=self.probs[start:end], expert_idx=self.expert_idx[start:end],
                        dispatch_idx=self.dispatch_idx[start:end], weights=self.weights[start:end])
+
+
+def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 slots per expert of ``expert_idx`` (any shape; -1 entries, dropped slots, ignored).
+
+    ``torch.bincount`` would give the same, but on CUDA it reads the input's min and max back to
+    the host (two syncs) and its output size depends on the data (a torch.compile graph break);
+    a scatter-add into E+1 bins (bin 0 collects the -1 slots) does neither."""
+    flat = expert_idx.reshape(-1)
+    bins = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    bins.scatter_add_(0, flat + 1, torch.ones_like(flat, dtype=torch.long))
+    return bins[1:]
 
 
 def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -57,7 +76,7 @@ def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, cap: int, ran
     key = experts * (k * T) + prio
     order = torch.argsort(key)
     sorted_e = experts[order]
-    counts = torch.bincount(sorted_e, minlength=num_experts)
+    counts = expert_counts(sorted_e, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     pos_sorted = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
     pos = torch.empty_like(pos_sorted)
@@ -102,10 +121,10 @@ class TopKRouter(nn.Module):
         if capacity_factor is not None and idx.shape[0] > 0:
             cap = capacity(idx.shape[0], self.num_experts, k, capacity_factor, min_capacity)
             keep = capacity_keep_mask(idx, self.num_experts, cap, random_first=use_rts)
-            num_dropped = int((~keep).sum())
-            if num_dropped:
-                top_p = top_p * keep
-                dispatch_idx = torch.where(keep, idx, torch.full_like(idx, -1))
+            # masked unconditionally: branching on "anything dropped?" would read the device
+            num_dropped = (~keep).sum()
+            top_p = top_p * keep
+            dispatch_idx = torch.where(keep, idx, torch.full_like(idx, -1))
         if renormalize:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
         return Routing(probs=probs, expert_idx=idx, dispatch_idx=dispatch_idx, weights=top_p,

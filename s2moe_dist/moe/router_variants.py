@@ -1,4 +1,4 @@
-"""Router baselines of the S2MoE paper, selected by ``S2MoEConfig.router_type`` (DESIGN.md 1.2).
+"""Router baselines of the S2MoE paper, selected by ``S2MoEConfig.router_type`` (docs/design.md 1.2).
 
 Every router returns a ``Routing`` through the same top-k / capacity / combine-weight code as
 ``TopKRouter`` (``TopKRouter.route_probs``), so both S2MoE streams, the dispatchers, eval_k and
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .router import Routing, TopKRouter
+from .router import Routing, TopKRouter, expert_counts
 
 ROUTER_TYPES = ("topk", "xmoe", "stablemoe")
 MIN_TEMPERATURE = 0.01  # X-MoE: |logits| <= 1 / MIN_TEMPERATURE
@@ -77,7 +77,7 @@ class _ScoreRouter(nn.Module):
         probs = torch.softmax(select_logits, dim=-1)
         r = self.route_probs(probs, select_logits, k, False, **options)
         weights = weight_scores.gather(1, r.expert_idx)
-        if r.num_dropped:
+        if not r.dropless:
             weights = weights * (r.dispatch_idx >= 0)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
@@ -153,7 +153,7 @@ class StableMoERouter(_ScoreRouter):
         if not r.balance_on or T == 0:
             return r.logits.sum() * 0.0
         idx = r.expert_idx
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(r.logits.dtype)
+        counts = expert_counts(idx, self.num_experts).to(r.logits.dtype)
         n_avg = idx.numel() / self.num_experts
         scale = (counts - n_avg) / n_avg  # > 0: overloaded expert, its scores are pushed down
         chosen = torch.sigmoid(r.logits.gather(1, idx))

@@ -36,6 +36,7 @@ from ..parallel.tp_mappings import (all_gather_counts, first_rank_only, gather_r
                                     scatter_rows, split_sizes)
 from .a2a_dispatcher import AllToAllDispatcher, source_to_expert_order
 from .dispatcher import LocalDispatcher
+from .router import expert_counts
 
 NO_TP_GROUP_ERROR = (
     "S2MoEConfig.enable_expert_tensor_parallelism=True is invalid here: no tensor-parallel group is "
@@ -112,7 +113,7 @@ class TensorParallelExperts:
         all_counts = all_gather_counts(counts, group)          # [tp, E_local], tiny
         sizes = all_counts.sum(1).tolist()
         rows = gather_rows(x, sizes, group, reduce_grad=True)  # (TP source, expert) order
-        perm = source_to_expert_order(all_counts)
+        perm = source_to_expert_order(all_counts, total=sum(sizes))
         expert_counts = all_counts.sum(0)
         out = self.bank(rows.index_select(0, perm), expert_counts, add_b2=False)
         if self.bank.b2 is not None:  # added once (TP rank 0) to the partial sums, full gradient on all
@@ -133,7 +134,8 @@ class TensorParallelDispatcher:
         self.shard_experts = shard_experts
         self.num_experts = inner.num_experts
 
-    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts):
+    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts,
+                 num_dropped=None):
         group = self.group
         sizes = split_sizes(tokens.shape[0], dist.get_world_size(group))
         start = sum(sizes[:dist.get_rank(group)])
@@ -141,8 +143,10 @@ class TensorParallelDispatcher:
         own_tokens = scatter_rows(tokens, sizes, group)
         own_weights = scatter_rows(weights, sizes, group)
         runner = TensorParallelExperts(experts, group) if self.shard_experts else experts
-        out, _ = self.inner(own_tokens, dispatch_idx[mine], own_weights, runner)
+        # dropless stays dropless on this rank's rows; a capacity count is of all rows (recounted there)
+        own_dropped = 0 if isinstance(num_dropped, int) and num_dropped == 0 else None
+        out, _ = self.inner(own_tokens, dispatch_idx[mine], own_weights, runner, num_dropped=own_dropped)
         out = gather_rows(out, sizes, group, reduce_grad=False)
         flat = dispatch_idx.reshape(-1)
-        counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts)  # all rows, no collective
+        counts = expert_counts(flat, self.num_experts)  # all rows, no collective
         return out, counts

@@ -26,15 +26,16 @@ import torch
 _EXPERT_KEY = re.compile(r"^(?:(?P<prefix>(?:.*\.)?(?:experts|deepspeed_experts\.\d+))\.)?(?P<name>w1|b1|w2|b2)$")
 
 
-def _columns(width: int, tp_rank: int, tp_size: int, swiglu: bool) -> torch.Tensor:
-    """Column indices of TP rank ``tp_rank`` in a w1 of ``width`` columns."""
+def _columns(width: int, tp_rank: int, tp_size: int, swiglu: bool, device=None) -> torch.Tensor:
+    """Column indices of TP rank ``tp_rank`` in a w1 of ``width`` columns (on ``device``, not the
+    default device)."""
     if swiglu:
         half = width // 2
         step = half // tp_size
-        own = torch.arange(tp_rank * step, (tp_rank + 1) * step)
+        own = torch.arange(tp_rank * step, (tp_rank + 1) * step, device=device)
         return torch.cat([own, own + half])
     step = width // tp_size
-    return torch.arange(tp_rank * step, (tp_rank + 1) * step)
+    return torch.arange(tp_rank * step, (tp_rank + 1) * step, device=device)
 
 
 def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, swiglu: bool) -> torch.Tensor:
@@ -45,7 +46,8 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int, swig
         width = full.shape[-1]
         if width % (2 * tp_size if swiglu else tp_size):
             raise ValueError(f"{name} width {width} cannot be split over tp_size={tp_size}")
-        return full.index_select(full.dim() - 1, _columns(width, tp_rank, tp_size, swiglu)).contiguous()
+        cols = _columns(width, tp_rank, tp_size, swiglu, device=full.device)
+        return full.index_select(full.dim() - 1, cols).contiguous()
     if name == "w2":
         rows = full.shape[-2]
         if rows % tp_size:

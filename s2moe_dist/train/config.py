@@ -39,6 +39,35 @@ SECTIONS = ("model", "train", "data")
 
 @dataclass
 class TrainConfig:
+    """The ``train:`` section. The table in docs/training.md is generated from this list.
+
+    Attributes:
+        steps: Optimizer steps of the run.
+        batch_size: Global batch, in sequences of ``model.seq_len`` (all ranks together); must
+            divide by the data-parallel size x ``gradient_accumulation_steps``.
+        gradient_accumulation_steps: Micro-steps per optimizer step.
+        lr: Peak learning rate.
+        min_lr_ratio: Final learning rate = ``lr * min_lr_ratio`` (cosine / linear).
+        warmup_steps: Linear warm-up steps.
+        lr_schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
+        weight_decay: AdamW weight decay (not applied to biases and 1-D parameters).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        eps: AdamW epsilon.
+        grad_clip: Global gradient-norm clipping (DeepSpeed ``gradient_clipping``); 0: none.
+        seed: Seed of weights, data order, noise and dropout.
+        log_every: Steps between TensorBoard scalars / MoE statistics.
+        eval_every: Steps between validations; 0: only at the end.
+        eval_k: Experts per token of each validation (one ``eval/bpc_k{K}`` tag each).
+        eval_windows: Held-out windows of ``seq_len`` per validation (all ranks together); 0: all.
+        ckpt_every: Steps between checkpoints; 0: only at the end and on signals.
+        keep_checkpoints: Newest checkpoints kept on disk; 0: keep all.
+        progress: tqdm bar on rank 0 (plain lines when the output is not a terminal).
+        collective_timeout_s: Seconds any collective may wait before it raises (a rank hung or
+            gone) instead of hanging.
+        max_consecutive_nonfinite: Skipped NaN/Inf steps in a row that stop the run (exit 3).
+    """
+
     steps: int = 300
     batch_size: int = 16  # global, in sequences of model.seq_len (all ranks together)
     gradient_accumulation_steps: int = 1
@@ -59,8 +88,9 @@ class TrainConfig:
     ckpt_every: int = 100  # 0: only at the end and on signals
     keep_checkpoints: int = 2  # newest checkpoints kept on disk; 0: keep all
     progress: bool = True  # tqdm bar on rank 0
-    # reliability (README_reliability): a collective waiting longer than this raises (a rank hung
-    # or gone) instead of hanging; NaN/Inf steps are skipped, this many in a row stop the run
+    # reliability (docs/operations.md#failures-what-happens-what-to-do): a collective waiting
+    # longer than this raises (a rank hung or gone) instead of hanging; NaN/Inf steps are
+    # skipped, this many in a row stop the run
     collective_timeout_s: float = 600.0
     max_consecutive_nonfinite: int = 5
 
@@ -113,7 +143,15 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """``s2moe_dist.data.load_corpus`` arguments. ``path`` null: the built-in corpus."""
+    """``s2moe_dist.data.load_corpus`` arguments. ``path`` null: the built-in corpus.
+
+    Attributes:
+        path: text8 / enwik8 file (plain, ``.gz``, ``.zip``); ``None``: the built-in corpus
+            (``--data`` sets it).
+        kind: ``auto`` (file name with 'enwik' -> enwik8, else text8), ``text8`` or ``enwik8``.
+        split: Train / valid / test fractions (or token counts).
+        cache_dir: Decoded-id cache (default ``$S2MOE_CACHE_DIR`` or ``~/.cache/s2moe``).
+    """
     path: Optional[str] = None
     kind: str = "auto"  # auto (file name with 'enwik' -> enwik8, else text8) | text8 | enwik8
     split: List[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # or token counts

@@ -52,6 +52,17 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + lo
 
 
+def slurm_node_addr(node: str) -> str:
+    """The address other nodes reach Slurm node ``node`` at: its NodeAddr (``scontrol show node``),
+    which a site may set where the NodeName itself does not resolve; the name when unknown."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+    return m.group(1) if m and m.group(1) not in ("(null)", "") else node
+
+
 def _int_env(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])
@@ -85,9 +96,16 @@ def _check_ranks(rank: int, world: int, local: int, names, env: Mapping[str, str
                          "that every rank can reach on MASTER_ADDR")
 
 
+def local_device_index(launch: "Launch", device_count: int) -> int:
+    """The GPU this rank takes: LOCAL_RANK, or 0 where the launcher shows each rank a single device
+    (``--gpus-per-task=1``, ``--gpu-bind=single:1``: one GPU per rank, always cuda:0)."""
+    return 0 if device_count == 1 else launch.local_rank
+
+
 def check_local_device(launch: "Launch", device_count: int) -> None:
-    """On GPUs each rank of a node takes device LOCAL_RANK: more ranks than devices cannot start."""
-    if device_count and launch.local_rank >= device_count:
+    """On GPUs each rank of a node takes device LOCAL_RANK (or its only visible device): more ranks
+    than devices cannot start."""
+    if device_count > 1 and launch.local_rank >= device_count:
         raise ValueError(f"LOCAL_RANK={launch.local_rank} is invalid: this node has {device_count} visible GPU(s) "
                          "and rank i uses GPU i; start at most that many ranks per node (--nproc_per_node / "
                          "--num_gpus / --ntasks-per-node) or widen CUDA_VISIBLE_DEVICES")
@@ -133,7 +151,7 @@ def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             if not nodelist:
                 raise ValueError("running under srun without SLURM_NODELIST: set MASTER_ADDR")
-            addr = first_slurm_host(nodelist)
+            addr = slurm_node_addr(first_slurm_host(nodelist))
         # every task must agree on the port without talking: derive it from the job id
         port = env.get("MASTER_PORT")
         if not port:
@@ -144,6 +162,87 @@ def resolve_launch(environ: Optional[Mapping[str, str]] = None) -> Launch:
     return Launch("single", 0, 1, 0, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                       "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
                                       "MASTER_PORT": env.get("MASTER_PORT", str(free_port()))})
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process could use, counted without torch (``nvidia-smi -L``); 0 when
+    CUDA_VISIBLE_DEVICES hides them all on purpose or there is no nvidia-smi."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def check_cuda_usable(gpus: int, cuda_available: bool, torch_version: str, torch_cuda: Optional[str],
+                      env: Mapping[str, str]) -> None:
+    """GPUs are there but torch cannot use them: refuse rather than train on the CPU unnoticed.
+    ``S2MOE_DEVICE=cpu`` (or CUDA_VISIBLE_DEVICES="") asks for the CPU on purpose."""
+    if not gpus or cuda_available or env.get("S2MOE_DEVICE", "").lower() == "cpu":
+        return
+    why = (f"torch {torch_version} is a CPU-only build" if not torch_cuda else
+           f"torch {torch_version} (CUDA {torch_cuda}) cannot use them: torch.cuda.is_available() is False "
+           "(driver too old for this CUDA build, or no access to /dev/nvidia*)")
+    raise ValueError(f"this node has {gpus} GPU(s) (nvidia-smi -L) but {why}. Install a CUDA build of torch "
+                     "(e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126, then "
+                     "bash launch_scripts/setup_env.sh), or set S2MOE_DEVICE=cpu to train on the CPU on purpose")
+
+
+def spans_hosts(launch: "Launch", env: Mapping[str, str]) -> bool:
+    """Whether the ranks run on more than one host, from what the launcher says (ranks per node
+    below the world size), else from MASTER_ADDR (not this host's loopback: another host)."""
+    if launch.world_size <= 1:
+        return False
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):  # torchrun, deepspeed, Open MPI
+        if env.get(var, "").isdigit():
+            return int(env[var]) < launch.world_size
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+    if launch.launcher == "slurm" and nodes and nodes.isdigit():
+        return int(nodes) > 1
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    return not (addr == "localhost" or addr.startswith("127.") or addr == "::1")
+
+
+def _addresses(name: str):
+    """``name``'s addresses in the resolver's order (gloo binds the first that works)."""
+    seen = []
+    for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
+        if info[4][0] not in seen:
+            seen.append(info[4][0])
+    return seen
+
+
+def check_network(launch: "Launch", backend: str, env: Mapping[str, str], hostname: Optional[str] = None) -> None:
+    """Before any process group: MASTER_ADDR must resolve here, and gloo across hosts must not
+    advertise a loopback address (gloo takes its address from the hostname unless
+    GLOO_SOCKET_IFNAME names an interface; Debian maps the hostname to 127.0.1.1)."""
+    if launch.world_size <= 1:
+        return
+    addr = env.get("MASTER_ADDR")
+    if addr:
+        try:
+            _addresses(addr)
+        except (socket.gaierror, UnicodeError) as e:
+            raise ValueError(f"MASTER_ADDR={addr!r} does not resolve on this host ({e}): every rank connects "
+                             "to it. Set S2MOE_MASTER_ADDR (slurm/pretrain.sbatch) or MASTER_ADDR to an address of "
+                             "the first node that every node reaches (its IP; under Slurm: the NodeAddr in "
+                             "`scontrol show node`)") from None
+    if backend != "gloo" or env.get("GLOO_SOCKET_IFNAME") or not spans_hosts(launch, env):
+        return
+    hostname = hostname or socket.gethostname()
+    try:
+        mine = _addresses(hostname)
+    except (socket.gaierror, UnicodeError):
+        mine = []
+    if not mine or mine[0].startswith("127.") or mine[0] == "::1":
+        seen = mine[0] if mine else "nothing"
+        raise ValueError(f"this host's name {hostname!r} resolves to {seen} first, and gloo takes the address it "
+                         "gives the other hosts from the hostname: they could not connect. Set "
+                         "GLOO_SOCKET_IFNAME to the interface of the network between the nodes (`ip -br addr` "
+                         "lists them, e.g. GLOO_SOCKET_IFNAME=eth0), or map the hostname to that interface's "
+                         "address in /etc/hosts")
 
 
 def default_backend() -> str:
@@ -182,8 +281,9 @@ def init_distributed(launch: Launch, backend: Optional[str] = None, timeout_s: O
 
     os.environ.update(launch.env)
     backend = backend or default_backend()
+    check_network(launch, backend, os.environ)
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(local_device_index(launch, torch.cuda.device_count()))
     port = int(os.environ.get("MASTER_PORT", DEFAULT_PORT))
     kwargs = {}
     if timeout_s is not None:
@@ -223,7 +323,9 @@ def unlink_deepspeed_shm_buffer() -> None:
 
 def device_for(launch: Launch):
     import torch
-    return torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_device_index(launch, torch.cuda.device_count()))
 
 
 @dataclass

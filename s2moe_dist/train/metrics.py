@@ -1,7 +1,7 @@
 """TensorBoard logging (rank 0) and the per-layer MoE statistics behind it.
 
-The tag names below are the README's list; ``all_tags`` is what a run writes and what the
-tests read back from the event files.
+The tag names below are the table in docs/training.md#tensorboard-tags (tests/test_docs.py compares
+them); ``all_tags`` is what a run writes and what the tests read back from the event files.
 """
 from __future__ import annotations
 

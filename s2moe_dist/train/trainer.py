@@ -7,9 +7,10 @@
     Trainer.loop()   step, log, eval, checkpoint, signals (checkpoint at the step boundary;
                      SIGTERM then exits 0)
 
-Reliability (README_reliability): collective timeout (``train.collective_timeout_s``), NaN/Inf
-steps skipped on all ranks (``nonfinite.py``), checkpoints with a checksum manifest and fallback
-(``checkpoint.py``), signals handled from CLI entry (a SIGTERM during start-up exits 0).
+Reliability (docs/operations.md#failures-what-happens-what-to-do): collective timeout
+(``train.collective_timeout_s``), NaN/Inf steps skipped on all ranks (``nonfinite.py``),
+checkpoints with a checksum manifest and fallback (``checkpoint.py``), signals handled from CLI
+entry (a SIGTERM during start-up exits 0).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from . import faults
 from .config import RunConfig, check_parallel_layout, load_run_config
 from .distributed import (Launch, check_local_device, device_for, init_distributed, init_model_parallel,
                           resolve_launch)
+from .distributed import check_cuda_usable, visible_gpus
 from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
@@ -131,6 +133,7 @@ def setup(args: TrainArgs) -> Setup:
     run = load_run_config(args.config, args.overrides, args.data)
     launch = resolve_launch()
     check_parallel_layout(run, launch.world_size)  # world = TP x DP, EP groups, batch over DP
+    check_cuda_usable(visible_gpus(), torch.cuda.is_available(), torch.__version__, torch.version.cuda, os.environ)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         check_local_device(launch, torch.cuda.device_count())
@@ -244,8 +247,23 @@ class Trainer:
         _, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
         if want_exit and not self.exit_at_start:
             self.exit_at_start = True
-            self._say(f"SIGTERM during start-up: nothing to save (step {getattr(self, 'step', 0)}), exiting")
+            self._say(f"SIGTERM during start-up: nothing to save (step {getattr(self, 'step', 0)}), exiting; "
+                      + self._restart_point())
         return self.exit_at_start
+
+    def _restart_point(self) -> str:
+        """Where a restart of this run continues, for the start-up exit message (rank 0)."""
+        if getattr(self, "resumed_from", None):
+            return f"nothing trained since {self.resumed_from}, which a restart resumes from"
+        if self.rank != 0 or self.s.args.resume is None:
+            return "a restart without --resume starts from step 0"
+        try:
+            cands = self._resume_candidates()
+        except (OSError, ValueError):
+            cands = []
+        if not cands:
+            return f"no checkpoint in {self.ckpt_dir} yet: a restart starts from step 0"
+        return f"a restart with --resume {self.s.args.resume} resumes from {os.path.join(*cands[0])}"
 
     def _resume_candidates(self) -> List[Tuple[str, str]]:
         """(folder, tag) to try in order (rank 0 reads the folder)."""

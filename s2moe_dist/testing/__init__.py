@@ -1,0 +1,1 @@
+"""Test and diagnostic instruments (no training code depends on them)."""

@@ -1,0 +1,374 @@
+"""s2moe-train across two simulated hosts (tests/netns_hosts.py: network namespaces joined by one
+veth link, own hostnames and hosts files), tiny model, EP=2: the expert all-to-all crosses the link.
+
+- launch_scripts/torchrun.sh on both hosts, one rank each: the losses of every step equal a one-host
+  2-rank run; one host's rank SIGKILLed in step 15: both sides end (time measured); ``--resume
+  auto`` on both continues from step 10 with the same losses to the end.
+- the link cut (``ip link set down``) with train.collective_timeout_s=30: both sides end within
+  the timeout + a few seconds (time measured).
+- launch_scripts/deepspeed.sh with a hostfile (pdsh over ssh, an sshd per host): the ranks get the
+  forwarded environment (DS_ENV_FILE), equal losses, a SIGKILLed rank ends the runner, resume.
+- launch_scripts/mpirun.sh with a hostfile (Open MPI over ssh): equal losses.
+- slurm/pretrain.sbatch on a two-node Slurm (one slurmd per host, node names that resolve nowhere):
+  trains across both with node 0's NodeAddr as MASTER_ADDR, equal losses.
+- start-up checks, before any process group: a hostname resolving to 127.0.1.1 (Debian's default)
+  with gloo across hosts exits 2 naming GLOO_SOCKET_IFNAME (before the fix: "Connection refused"
+  on the peer and a hang until the timeout); GLOO_SOCKET_IFNAME set makes the same run train.
+Figures go to stdout as ``[figures] ...`` (pytest -s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from netns_hosts import TwoHosts, Unavailable, _kill_group  # noqa: E402
+
+TORCHRUN_SH = os.path.join(ROOT, "launch_scripts", "torchrun.sh")
+TINY = os.path.join(ROOT, "configs", "model", "tiny.yaml")
+ZERO1 = os.path.join(ROOT, "configs", "deepspeed", "zero1_fp32.json")
+STEPS = 20
+SETTINGS = ["model.seq_len=32", "model.d_model=32", "model.n_heads=2", "model.moe.ffn_hidden_size=64",
+            "model.moe.ep_size=2", "train.batch_size=8", "train.warmup_steps=4", "train.eval_windows=8",
+            "train.progress=false", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=10",
+            f"train.steps={STEPS}"]
+TIMEOUT = 300
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    try:
+        h = TwoHosts.create(str(tmp_path_factory.mktemp("hosts")))
+    except Unavailable as e:
+        pytest.skip(f"no simulated hosts here: {e}")
+    yield h
+    h.destroy()
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "GLOO_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "S2MOE_FAULTS")}
+    env.update(OMP_NUM_THREADS="1", S2MOE_VENV=sys.prefix)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions"))
+    env.update(extra)
+    return env
+
+
+class Node:
+    """``launch_scripts/torchrun.sh`` on one host, its output in a log file."""
+
+    def __init__(self, host, log, out, nnodes, node_rank, master, port, nproc=1, extra=(), resume=False, **env):
+        self.log_path = log
+        self.log = open(log, "w")
+        args = ["bash", TORCHRUN_SH, "--config", TINY, "--deepspeed", ZERO1, "--output", str(out),
+                "--set", *SETTINGS, *extra] + (["--resume", "auto"] if resume else [])
+        e = _env(NNODES=str(nnodes), NODE_RANK=str(node_rank), NPROC_PER_NODE=str(nproc), MASTER_ADDR=master,
+                 MASTER_PORT=str(port), **env)
+        self.proc = host.popen(args, env=e, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ended = None
+
+    def done(self) -> bool:
+        if self.proc.poll() is not None and self.ended is None:
+            self.ended = time.time()
+        return self.ended is not None
+
+    def text(self) -> str:
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def wait_all(nodes, timeout=TIMEOUT, what="the runs"):
+    end = time.monotonic() + timeout
+    while not all([n.done() for n in nodes]):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}:\n" + "\n----\n".join(n.text()[-3000:] for n in nodes))
+        time.sleep(0.1)
+    return [n.proc.returncode for n in nodes]
+
+
+def losses(out, first=False):
+    """step -> (total, task, balance, uncertainty), the last value logged (``first``: the first)."""
+    path = os.path.join(str(out), "metrics.jsonl")
+    got = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if "train/loss_total" in r and not (first and r["step"] in got):
+                    got[r["step"]] = (r["train/loss_total"], r["train/loss_task"], r["train/loss_balance"],
+                                      r["train/loss_uncertainty"])
+    return got
+
+
+def last_step(out) -> int:
+    got = losses(out)
+    return max(got) if got else 0
+
+
+def fault_time(text):
+    i = text.index("FAULT INJECTED (t=")
+    return float(text[i + len("FAULT INJECTED (t="):].split(")")[0])
+
+
+def port() -> int:
+    return random.randint(20000, 40000)  # inside fresh namespaces: nothing else listens there
+
+
+def two_nodes(hosts, tmp, name, out, faults=None, **kw):
+    p = port()
+    env = {"S2MOE_FAULTS": faults} if faults else {}
+    return [Node(hosts[i], str(tmp / f"{name}.{i}.log"), out, 2, i, hosts[0].addr, p, **env, **kw) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_host(hosts, tmp_path_factory):
+    """The reference: a one-host 2-rank torchrun run, started in the background (waited for by
+    ``reference_losses``)."""
+    d = tmp_path_factory.mktemp("one_host")
+    node = Node(hosts[0], str(d / "ref.log"), d / "run", 1, 0, "127.0.0.1", port(), nproc=2)
+    hosts.procs.remove(node.proc)  # the tests' kill_all must not end it: stopped here, by PID
+    yield node, d / "run"
+    _kill_group(node.proc)
+
+
+def reference_losses(one_host):
+    node, out = one_host
+    assert wait_all([node]) == [0], node.text()[-3000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    return got
+
+
+def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, one_host, tmp_path):
+    out = tmp_path / "two_hosts"
+    nodes = two_nodes(hosts, tmp_path, "killed", out, faults="kill_in_step@15:1")
+    try:
+        codes = wait_all(nodes)
+        ref_losses = reference_losses(one_host)
+    finally:
+        hosts.kill_all()
+    assert codes[0] != 0 and codes[1] != 0, [n.text()[-2000:] for n in nodes]
+    killed = nodes[1].text()
+    assert "SIGKILLs itself in step 15" in killed
+    t_fault = fault_time(killed)
+    after = [n.ended - t_fault for n in nodes]
+    print(f"[figures] torchrun, 2 hosts: rank 1 SIGKILLed: host 1 ended {after[1]:.1f} s, host 0 "
+          f"{after[0]:.1f} s later")
+    assert max(after) < 60, after
+    before = losses(out, first=True)
+    assert sorted(before) == list(range(1, 15)), sorted(before)
+    assert all(before[s] == ref_losses[s] for s in before), [(s, before[s], ref_losses[s]) for s in before]
+
+    resumed = two_nodes(hosts, tmp_path, "resumed", out, resume=True)
+    try:
+        codes = wait_all(resumed)
+    finally:
+        hosts.kill_all()
+    assert codes == [0, 0], [n.text()[-3000:] for n in resumed]
+    assert f"resumed from {out}/checkpoints/global_step10 at step 10" in resumed[0].text()
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == ref_losses[s] for s in got), [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
+
+    # a SIGTERM during start-up says where a restart continues (not just "step 0")
+    early = Node(hosts[0], str(tmp_path / "early.log"), out, 1, 0, "127.0.0.1", port(), nproc=2, resume=True,
+                 S2MOE_FAULTS="sigterm_at_start:0")
+    try:
+        assert wait_all([early]) == [0], early.text()[-3000:]
+    finally:
+        hosts.kill_all()
+    assert (f"SIGTERM during start-up: nothing to save (step 0), exiting; a restart with --resume auto resumes "
+            f"from {out}/checkpoints/global_step{STEPS}") in early.text(), early.text()[-3000:]
+
+
+def test_cut_link_ends_both_hosts_within_the_collective_timeout(hosts, tmp_path):
+    out = tmp_path / "cut"
+    nodes = two_nodes(hosts, tmp_path, "cut", out, extra=["train.steps=100000", "train.ckpt_every=0",
+                                                          "train.collective_timeout_s=30"])
+    try:
+        end = time.monotonic() + TIMEOUT
+        while last_step(out) < 3:
+            assert time.monotonic() < end and not any(n.done() for n in nodes), [n.text()[-3000:] for n in nodes]
+            time.sleep(0.2)
+        hosts.link_down()
+        t_cut = time.time()
+        codes = wait_all(nodes, timeout=120, what="both hosts to end after the link went down")
+    finally:
+        hosts.kill_all()
+        hosts.link_up()
+    after = [n.ended - t_cut for n in nodes]
+    print(f"[figures] torchrun, 2 hosts: link cut at step {last_step(out)}: host 0 ended {after[0]:.1f} s, "
+          f"host 1 {after[1]:.1f} s later (collective timeout 30 s)")
+    assert codes[0] != 0 and codes[1] != 0
+    assert 25 <= min(after) and max(after) < 30 + 20, after
+    assert any("a collective failed" in n.text() for n in nodes), [n.text()[-3000:] for n in nodes]
+
+
+def test_loopback_hostname_with_gloo_across_hosts_exits_2_naming_gloo_socket_ifname(hosts, tmp_path):
+    """Debian's ``127.0.1.1 <hostname>``: gloo would advertise 127.0.1.1 to the other host."""
+    saved = [open(h.hosts_file).read() for h in hosts.hosts]
+    try:
+        for h in hosts.hosts:
+            h.set_hosts(f"127.0.0.1 localhost\n127.0.1.1 {h.hostname}\n" + saved[h.index])
+        nodes = two_nodes(hosts, tmp_path, "loopback", tmp_path / "loopback")
+        try:
+            codes = wait_all(nodes, timeout=120, what="the start-up check")
+        finally:
+            hosts.kill_all()
+        for n in nodes:
+            assert "GLOO_SOCKET_IFNAME" in n.text() and "resolves to 127.0.1.1 first" in n.text(), n.text()[-3000:]
+        assert codes[0] != 0 and codes[1] != 0
+        assert all("exitcode  : 2" in n.text() for n in nodes), [n.text()[-2000:] for n in nodes]
+        # the fix it names: the interface of the link; the run then trains
+        fixed = [Node(hosts[i], str(tmp_path / f"ifname.{i}.log"), tmp_path / "ifname", 2, i, hosts[0].addr, p,
+                      extra=["train.steps=2", "train.ckpt_every=0"], GLOO_SOCKET_IFNAME=hosts[i].veth)
+                 for p in [port()] for i in range(2)]
+        try:
+            codes = wait_all(fixed, what="the run with GLOO_SOCKET_IFNAME")
+        finally:
+            hosts.kill_all()
+        assert codes == [0, 0], [n.text()[-3000:] for n in fixed]
+        assert sorted(losses(tmp_path / "ifname")) == [1, 2]
+    finally:
+        for h in hosts.hosts:
+            h.set_hosts(saved[h.index])
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(hosts):
+    why = hosts.start_sshd()
+    if why:
+        pytest.skip(f"no sshd on the simulated hosts: {why}")
+    return hosts
+
+
+def test_deepspeed_hostfile_over_pdsh_forwards_the_environment_and_ends_on_a_dead_rank(ssh_hosts, one_host,
+                                                                                      tmp_path):
+    """launch_scripts/deepspeed.sh with a hostfile: pdsh starts one rank per host over ssh, with a
+    bare environment but for what DS_ENV_FILE carries (venv PATH, OMP_NUM_THREADS,
+    TORCH_EXTENSIONS_DIR, S2MOE_*...). Losses equal the one-host torchrun run; rank 1 SIGKILLed
+    in step 15 ends the runner; --resume auto continues exactly."""
+    hosts = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in hosts.hosts))
+    out = tmp_path / "ds"
+    runs = {}
+    for name, faults, resume in (("killed", "kill_in_step@15:1", False), ("resumed", None, True)):
+        env = _env(HOSTFILE=str(hostfile), NUM_NODES="2", NUM_GPUS="1", MASTER_ADDR=hosts[0].addr,
+                   MASTER_PORT=str(port()), DS_LAUNCHER_ARGS="--launcher pdsh",
+                   **({"S2MOE_FAULTS": faults} if faults else {}))
+        log = open(tmp_path / f"ds_{name}.log", "w+")
+        args = ["bash", os.path.join(ROOT, "launch_scripts", "deepspeed.sh"), "--config", TINY, "--deepspeed", ZERO1,
+                "--output", str(out), "--set", *SETTINGS] + (["--resume", "auto"] if resume else [])
+        proc = hosts[0].popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None  # fails below, with the log
+        finally:
+            ended = time.time()
+            hosts.kill_all()
+        log.seek(0)
+        runs[name] = (code, log.read(), ended)
+    ref = reference_losses(one_host)
+    code, text, ended = runs["killed"]
+    assert code not in (0, None) and "SIGKILLs itself in step 15" in text, text[-4000:]
+    print(f"[figures] deepspeed (pdsh), 2 hosts: rank 1 SIGKILLed: the runner ended "
+          f"{ended - fault_time(text):.1f} s later")
+    assert "Emitting ninja build file" not in text and "Building extension module" not in text  # cached op used
+    code, text, _ = runs["resumed"]
+    assert code == 0, text[-4000:]
+    assert f"resumed from {out}/checkpoints/global_step10 at step 10" in text
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
+    first = losses(out, first=True)
+    assert all(first[s] == ref[s] for s in range(1, 15))
+
+
+def test_mpirun_hostfile_over_ssh_equals_one_host(ssh_hosts, one_host, tmp_path):
+    """launch_scripts/mpirun.sh with a hostfile: Open MPI starts one rank per host over ssh; the
+    losses of every step equal the one-host torchrun run."""
+    import shutil
+    if shutil.which("mpirun") is None:
+        pytest.skip("no mpirun (bash launch_scripts/setup_env.sh installs Open MPI)")
+    hosts = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in hosts.hosts))
+    out = tmp_path / "mpi"
+    env = _env(HOSTFILE=str(hostfile), NP="2", MASTER_PORT=str(port()))
+    log = open(tmp_path / "mpi.log", "w+")
+    args = ["bash", os.path.join(ROOT, "launch_scripts", "mpirun.sh"), "--config", TINY, "--deepspeed", ZERO1,
+            "--output", str(out), "--set", *SETTINGS]
+    proc = hosts[0].popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        hosts.kill_all()
+    log.seek(0)
+    text = log.read()
+    assert code == 0, text[-4000:]
+    ref = reference_losses(one_host)
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1)), text[-3000:]
+    assert all(got[s] == ref[s] for s in got), [(s, got[s], ref[s]) for s in got if got[s] != ref[s]]
+
+
+@pytest.fixture(scope="module")
+def slurm2(hosts, tmp_path_factory):
+    """A two-node Slurm: slurmctld on host 0, one slurmd per host (``slurmd -D -N <node>``), one
+    munged. The node names resolve nowhere: only their NodeAddr does."""
+    from slurm_cluster import LocalSlurm, ensure_installed
+    why = ensure_installed()
+    if why:
+        pytest.skip(f"no Slurm here: {why}")
+    nodes = [{"name": f"s2n{i}{hosts.suffix}", "addr": h.addr, "hostname": h.hostname, "prefix": h.command([])}
+             for i, h in enumerate(hosts.hosts)]
+    try:
+        c = LocalSlurm.launch(str(tmp_path_factory.mktemp("slurm2")), cpus=2, nodes=nodes)
+    except RuntimeError as e:
+        pytest.skip(f"could not start a two-node Slurm: {e}")
+    yield c
+    c.stop()
+
+
+def test_sbatch_two_nodes_trains_across_both_with_the_node_address_as_master(slurm2, hosts, one_host, tmp_path):
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env.update(S2MOE_REPO=ROOT, S2MOE_VENV=sys.prefix, S2MOE_CONFIG=TINY, S2MOE_OUTPUT=str(tmp_path / "run"),
+               S2MOE_SET=" ".join(SETTINGS), PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    env.pop("S2MOE_DATA", None)
+    log = str(tmp_path / "job.out")
+    out = slurm2.run(["sbatch", "--parsable", "--job-name=s2moe-2n", "--nodes=2", "--ntasks-per-node=1",
+                      "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
+                      os.path.join(ROOT, "slurm", "pretrain.sbatch")], env=env, cwd=ROOT)
+    job = out.stdout.strip().split(";")[0]
+    end = time.monotonic() + TIMEOUT
+    try:
+        while slurm2.job(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", None):
+            assert time.monotonic() < end, open(log).read()[-4000:] + slurm2.logs()
+            time.sleep(1)
+        text = open(log).read() if os.path.exists(log) else ""
+        fields = slurm2.job(job)
+    finally:
+        slurm2.run(["scancel", job], check=False)
+    assert fields.get("JobState", "COMPLETED") == "COMPLETED", text[-4000:] + slurm2.logs()
+    assert "restart 0: 2 node(s) [" in text and ", 2 ranks, 0 GPU(s)/node" in text, text[-3000:]
+    assert f"rendezvous {hosts[0].addr}:" in text  # node 0's NodeAddr, not its name
+    ref = reference_losses(one_host)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == ref[s] for s in got), \
+        [(s, got.get(s), ref[s]) for s in ref if got.get(s) != ref[s]]
