@@ -70,12 +70,16 @@ class S2MoEConfig:
         min_capacity: With ``drop_tokens``: the smallest capacity per expert.
         drop_tokens: Capacity mode: slots over capacity are dropped, in DeepSpeed's priority (all
             first choices before any second choice, token order). Default ``False`` (DeepSpeed:
-            ``True``): dropless, variable group sizes, nothing padded.
+            ``True``): dropless, variable group sizes, nothing padded. A DeepSpeed-style call (an expert module
+            passed) takes DeepSpeed's default, as for ``use_rts``, ``top2_2nd_expert_sampling``,
+            ``num_experts`` and ``k``.
         use_rts: With ``drop_tokens``: random priority among first choices in training. Default
             ``False`` (DeepSpeed: ``True``).
-        use_residual: Residual MoE: ``True`` raises ``ValueError`` (not supported).
-        noisy_gate_policy: DeepSpeed's gate noise: anything but ``None`` raises ``ValueError``
-            (S2MoE has its own noise module).
+        use_residual: PR-MoE (DeepSpeed's Residual MoE): a dense residual MLP mixed with the MoE
+            output by a learned 2-way coefficient (``moe/residual.py``). Not with tensor parallelism.
+        noisy_gate_policy: DeepSpeed's router noise in training: ``Jitter`` (input times
+            U(0.99, 1.01)), ``RSample`` (top-1 choice from logits plus Gumbel noise; no effect at
+            k >= 2) or ``None``; top-k router only (``moe/noisy_gate.py``).
         use_tutel: ``True`` raises ``ValueError`` (the dispatcher is dropless and sorted).
         enable_expert_tensor_parallelism: Split each expert over the Megatron tensor-parallel
             group; ``True`` with no TP group registered raises ``ValueError`` naming the fix;
