@@ -31,6 +31,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import faults
+from .compile import compile_model
 from .config import RunConfig, check_parallel_layout, load_run_config
 from .distributed import (Launch, check_local_device, device_for, init_distributed, init_model_parallel,
                           resolve_launch)
@@ -224,6 +225,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.s.ds_config, mpu=layout.mpu, **kwargs)
         self.model = self.engine.module
         self.moe_layers = self.model.moe_layers()
+        if t.compile:
+            compile_model(self.model, t.compile_backend)
         # per-DP-rank streams for noise / dropout / InfoNCE sampling (= per rank without TP)
         torch.manual_seed(t.seed + 1_000_003 * (self.dp_rank + 1))
         random.seed(t.seed + self.dp_rank)
