@@ -58,7 +58,7 @@ CASES = [
      ["model.moe.moe_type='xmoe' is invalid", "must be one of ['s2moe', 'smoe']"]),
     ("moe-capacity", ["model.moe.capacity_factor=0"], None, {},
      ["model.moe.capacity_factor=0 is invalid", "must be a number > 0.0"]),
-    ("moe-noisy-gate", ["model.moe.noisy_gate_policy=Jitter"], None, {},
+    ("moe-noisy-gate", ["model.moe.noisy_gate_policy=Jitter", "model.moe.router_type=xmoe"], None, {},
      ["model.moe.noisy_gate_policy='Jitter' is invalid", "set noisy_gate_policy=None"]),
     ("moe-hidden", ["model.moe.hidden_size=64"], None, {},
      ["model.moe.hidden_size=64 is invalid", "set by model.d_model; remove it from model.moe"]),
