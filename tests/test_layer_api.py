@@ -10,7 +10,7 @@ from torch import nn
 
 from s2moe_dist import S2MoE, S2MoEConfig, S2MoELayer, s2moe_aux_loss
 from s2moe_dist.moe.experts import ExpertBank
-from test_layer_reference import make_layer, ref_routing, ref_smoe
+from reference import make_layer, ref_routing, ref_smoe
 
 DEEPSPEED_KWARGS = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
                     "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts", "use_tutel",
