@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["smoe", "s2moe"], choices=list(LABELS))
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "quality-tiny.yaml"))
-    p.add_argument("--data", default=DEFAULT_DATA, help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's train.steps)")
     p.add_argument("--world", type=int, default=1, help="training ranks (torchrun on this machine)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -248,7 +249,8 @@ def report(args, steps: int, results: dict, meta: dict) -> str:
         valid = [t["valid_bpc"]["2"] for t in trains if (t["valid_bpc"] or {}).get("2") is not None]
         tps = [t["median_train_tokens_per_s"] for t in trains if t["median_train_tokens_per_s"]]
         wall = [t["train_wall_s"] for t in trains if t["train_wall_s"]]
-        rows.append([LABELS[name], len(r["seeds"]), *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
+        test_bpc = [_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks]
+        rows.append([LABELS[name], len(r["seeds"]), *test_bpc,
                      _fmt(*mean_std(valid)) if valid else "-", f"{statistics.median(tps):.0f}" if tps else "-",
                      f"{statistics.fmean(wall):.0f}" if wall else "-"])
         for seed, run in r["runs"].items():

@@ -41,7 +41,8 @@ def test_every_deepspeed_moe_keyword_in_deepspeed_order(cls):
     expert = nn.Linear(8, 8)
     # DeepSpeed's own defaults (drop_tokens, use_rts, top2_2nd_expert_sampling all True), k=1 as
     # Megatron-DeepSpeed passes them: accepted, nothing that raises among them.
-    defaults = {n: p.default for n, p in deepspeed_moe_signature().items() if n not in ("self", "hidden_size", "expert")}
+    defaults = {n: p.default for n, p in deepspeed_moe_signature().items()
+                if n not in ("self", "hidden_size", "expert")}
     layer = cls(8, expert, **{**defaults, "num_experts": 4})
     for name, value in defaults.items():
         if name != "num_experts":

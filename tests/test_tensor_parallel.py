@@ -8,8 +8,9 @@ every rank:
   input gradient (full on every TP rank, as Megatron expects of a replicated activation);
 - router/gate gradients equal the reference after a sum over DP (each DP rank saw its tokens);
 - expert gradients equal the reference slice after a sum over the expert-data-parallel group.
-TP and DP groups are laid out as Megatron's parallel_state makes them. One 4-rank spawn covers TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP
-(enable_expert_tensor_parallelism) and whole, k=1/2, train/eval, dropless/capacity, gelu/swiglu+bias.
+TP and DP groups are laid out as Megatron's parallel_state makes them. One 4-rank spawn covers
+TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP (enable_expert_tensor_parallelism)
+and whole, k=1/2, train/eval, dropless/capacity, gelu/swiglu+bias.
 """
 import itertools
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,8 @@ class ExpertBank(nn.Module):
         base = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         d, h = self.w2.shape[2], self.ffn_hidden_size
         width = 2 * h if self.activation == "swiglu" else h
-        shard = (lambda name, w: shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu"))
+        def shard(name, w):  # this TP rank's slice of a full expert matrix
+            return shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu")
         with torch.no_grad():
             for i in range(self.num_local_experts):
                 g = torch.Generator(device="cpu").manual_seed(base + first_expert + i)
