@@ -159,25 +159,31 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="split of the file")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default all)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="parameter dtype to evaluate in (default auto: the dtype the run trained in, "
+                        "bf16 for a DeepSpeed bf16 run)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of text (nothing else goes to stdout)")
     return p
 
 
 def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, eval_k: Optional[List[int]] = None,
-                        split: str = "test", max_windows: Optional[int] = None, batch_size: int = 16) -> dict:
+                        split: str = "test", max_windows: Optional[int] = None, batch_size: int = 16,
+                        dtype: str = "auto") -> dict:
     import torch
 
     from .data import EvalBatches, load_corpus
     from .train.evaluate import bpc
     from .train.load import load_model
+    from .train.precision import training_dtype
 
     if batch_size < 1:
         raise ValueError(f"--batch-size={batch_size} is invalid: must be >= 1")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"--max-windows={max_windows} is invalid: must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, run, state = load_model(checkpoint, device=device)
+    want = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model, run, state = load_model(checkpoint, device=device, dtype=want)
     path = data if data is not None else run.data.path
     if path is not None and not os.path.isfile(path):
         raise ValueError(f"--data {path!r}: no such file" + ("" if data else " (the file the run trained on); "
@@ -198,6 +204,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, eval_k: Opt
     result = bpc(model, batches, ks, device)
     return {"checkpoint": state["checkpoint"], "step": state["step"], "data": path or "builtin",
             "split": split, "characters_scored": batches.num_targets,
+            "dtype": str(want or training_dtype(state["param_dtypes"])).replace("torch.", ""),
             "bpc": {str(k): v for k, v in result.items()}}
 
 
@@ -207,7 +214,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     try:
         with stdout_to_stderr():  # only the result goes to stdout (--json | jq)
             out = evaluate_checkpoint(args.checkpoint, args.data, args.eval_k, args.split, args.max_windows,
-                                      args.batch_size)
+                                      args.batch_size, args.dtype)
     except ValueError as e:
         return _fail("s2moe-eval", e)
     finally:
@@ -218,7 +225,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(out))
     else:
         print(f"checkpoint {out['checkpoint']} (step {out['step']}), {out['data']} {out['split']} split, "
-              f"{out['characters_scored']} characters")
+              f"{out['characters_scored']} characters, {out['dtype']}")
         for k, v in out["bpc"].items():
             print(f"BPC k={k}: {v:.4f}")
     return 0

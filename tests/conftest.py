@@ -66,6 +66,7 @@ TEST_KINDS = {
     "test_tensor_parallel.py": "distributed",
     "test_tensor_parallel_layout.py": "unit",
     "test_train.py": "system",
+    "test_train_compile.py": "system",
     "test_train_config.py": "unit",
     "test_train_text8.py": "system",
     "test_trainer_syncs.py": "system",
@@ -115,3 +116,23 @@ def pytest_collection_modifyitems_kinds(config, items):
     if stale:
         raise pytest.UsageError("TEST_KIND_EXCEPTIONS in tests/conftest.py names tests that do not exist "
                                 f"(renamed? update the entry): {', '.join(stale)}")
+
+
+def _no_cuda_reason():
+    """Why CUDA tests cannot run here, or None when a GPU is visible."""
+    import torch
+    if torch.cuda.is_available():
+        return None
+    if not torch.version.cuda:
+        return f"needs a CUDA GPU: torch {torch.__version__} is a CPU build"
+    return f"needs a CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device"
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if "cuda" in item.keywords]
+    if not marked:
+        return
+    reason = _no_cuda_reason()
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -37,11 +37,14 @@ def _too_short(owner: str, n: int, needed: int, why: str) -> ValueError:
                       f"least {needed}); use a smaller seq_len/batch_size or a longer file")
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
-    """Rows ``tokens[s : s + seq_len + 1]`` -> (x, y) int64 [B, T], y shifted by one."""
+def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int, pin_memory: bool = False) -> Batch:
+    """Rows ``tokens[s : s + seq_len + 1]`` -> (x, y) int64 [B, T], y shifted by one; in pinned
+    (page-locked) memory with ``pin_memory``, so that ``.to(cuda, non_blocking=True)`` does not
+    wait for the GPU."""
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     rows = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    return (x.pin_memory(), y.pin_memory()) if pin_memory else (x, y)
 
 
 class ShardedBatches:
@@ -49,11 +52,12 @@ class ShardedBatches:
     this rank's shard of random windows of ``tokens`` (e.g. ``corpus.train``).
 
     Deterministic from ``(seed, epoch, step, rank, world_size)``. ``state_dict()`` /
-    ``load_state_dict()`` carry the position for checkpoints.
+    ``load_state_dict()`` carry the position for checkpoints. ``pin_memory`` (CUDA runs): batches
+    in pinned memory.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, pin_memory: bool = False):
         owner = "ShardedBatches"
         check_int(owner, "seq_len", seq_len, 1)
         check_int(owner, "batch_size", batch_size, 1)
@@ -68,6 +72,7 @@ class ShardedBatches:
             raise _too_short(owner, len(tokens), needed,
                              f"one batch of {batch_size} windows of seq_len+1={seq_len + 1} tokens "
                              f"on each of {world_size} rank(s)")
+        self.pin_memory = bool(pin_memory)
         self.epoch, self.step = 0, 0
         self._epoch_cache: Optional[Tuple[int, np.ndarray]] = None
 
@@ -100,7 +105,7 @@ class ShardedBatches:
             self.epoch, self.step = self.epoch + 1, 0
         starts = self.window_starts(self.epoch, self.step)
         self.step += 1
-        return _gather(self.tokens, starts, self.seq_len)
+        return _gather(self.tokens, starts, self.seq_len, self.pin_memory)
 
     def _settings(self) -> Dict[str, int]:
         return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,

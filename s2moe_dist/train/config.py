@@ -66,6 +66,13 @@ class TrainConfig:
         collective_timeout_s: Seconds any collective may wait before it raises (a rank hung or
             gone) instead of hanging.
         max_consecutive_nonfinite: Skipped NaN/Inf steps in a row that stop the run (exit 3).
+        allow_tf32: fp32 runs on CUDA use TensorFloat-32 tensor cores for matmuls and cuDNN
+            (no effect on CPU or in bf16); false: full fp32 GEMMs.
+        compile: torch.compile the model in place before training (``nn.Module.compile``: the
+            state-dict keys and checkpoints stay the same). Off by default: compiling takes
+            minutes on first use, which pays only on long GPU runs.
+        compile_backend: torch.compile backend when ``compile`` is on (``inductor``; ``aot_eager``
+            traces without code generation, for checking).
     """
 
     steps: int = 300
@@ -93,6 +100,9 @@ class TrainConfig:
     # skipped, this many in a row stop the run
     collective_timeout_s: float = 600.0
     max_consecutive_nonfinite: int = 5
+    allow_tf32: bool = True  # TF32 matmuls in fp32 CUDA runs (train/precision.py)
+    compile: bool = False  # torch.compile the model in place (train/compile.py)
+    compile_backend: str = "inductor"
 
     def validate(self, model: ModelConfig) -> None:
         o = "train"
@@ -113,6 +123,11 @@ class TrainConfig:
         check_float(o, "eps", self.eps, strict=True)
         check_float(o, "grad_clip", self.grad_clip)
         check_bool(o, "progress", self.progress)
+        check_bool(o, "allow_tf32", self.allow_tf32)
+        check_bool(o, "compile", self.compile)
+        if self.compile:
+            from .compile import check_backend
+            check_backend(o, self.compile_backend)
         check_float(o, "collective_timeout_s", self.collective_timeout_s, strict=True)
         if self.collective_timeout_s == float("inf"):
             raise config_error(o, "collective_timeout_s", self.collective_timeout_s,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -38,11 +38,19 @@ def read_client_state(ckpt_dir: str, tag: str) -> Dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "s2moe" not in state:
         raise ValueError(f"--checkpoint: {path} holds no s2moe-train state (written by another program?)")
-    return state["s2moe"]
+    # the dtype each saved tensor trained in (bf16 under DeepSpeed bf16): the model is evaluated in it
+    module = state.get("module") or {}
+    dtypes = {n: t.dtype for n, t in module.items() if isinstance(t, torch.Tensor)}
+    return {**state["s2moe"], "param_dtypes": dtypes}
 
 
-def load_model(path: str, device="cpu"):
-    """-> (model in eval mode, RunConfig, client state). Starts a 1-process gloo group if none."""
+def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
+    """-> (model in eval mode, RunConfig, client state). Starts a 1-process gloo group if none.
+
+    The parameters get the dtype the checkpoint trained in (``dtype`` None; bf16 for a DeepSpeed
+    bf16 run) or ``dtype``; buffers stay fp32 as under DeepSpeed's bf16 engine."""
+    from .precision import cast_like_training, training_dtype
+
     import deepspeed
     import torch.distributed as dist
 
@@ -68,12 +76,15 @@ def load_model(path: str, device="cpu"):
         moe = run.model.moe_config()
         model.load_state_dict(merged_state_dict(ckpt_dir, tag, model, tp_size, moe.activation,
                                                 moe.enable_expert_tensor_parallelism))
-        return model.float().to(device).eval(), run, {**state, "checkpoint": os.path.join(ckpt_dir, tag)}
+        model = cast_like_training(model.float(), dtype or training_dtype(state["param_dtypes"]),
+                                   None if dtype else state["param_dtypes"])
+        return model.to(device).eval(), run, {**state, "checkpoint": os.path.join(ckpt_dir, tag)}
     cfg = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "steps_per_print": 10 ** 9}
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg)
     engine.load_checkpoint(ckpt_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
-    model = engine.module.float().to(device).eval()
-    return model, run, {**state, "checkpoint": os.path.join(ckpt_dir, tag)}
+    model = cast_like_training(engine.module.float(), dtype or training_dtype(state["param_dtypes"]),
+                               None if dtype else state["param_dtypes"])
+    return model.to(device).eval(), run, {**state, "checkpoint": os.path.join(ckpt_dir, tag)}
 

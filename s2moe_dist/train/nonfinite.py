@@ -1,9 +1,13 @@
 """NaN/Inf guard: a step whose loss or gradients are not finite on ANY rank is skipped on EVERY rank.
 
-Each rank flags its own micro-batch losses and, through a tensor hook per parameter, its own
-gradients as backward produces them (before any reduction, whatever the ZeRO stage: ZeRO 1/2
-move gradients into flat partitions after the hooks ran). Before the optimizer step one
-all-reduce of ``[loss bad, grad bad]`` per rank decides for all ranks. A skipped step calls
+Each rank flags its own micro-batch losses and its own gradients as backward produces them
+(before any reduction, whatever the ZeRO stage: ZeRO 1/2 move gradients into flat partitions
+after the hooks ran). A tensor hook per parameter only queues the gradient; the queue is checked
+in buckets by one fused ``torch._foreach_norm`` (a non-finite value makes its tensor's norm
+non-finite, the criterion of DeepSpeed's own overflow check) instead of ~3 kernels per parameter.
+Before the optimizer step one all-reduce of ``[loss bad, grad bad]`` per rank (plus the caller's
+flags, e.g. the signal flags: one all-reduce per step for all of them) decides for all ranks, and
+one copy to the host reads it: the one host sync per step the guard needs. A skipped step calls
 ``engine.step()`` as usual (DeepSpeed's counters, gradient buffers and zeroing stay in step) with
 the torch optimizer's ``step`` replaced by a no-op: no parameter, moment or step-count changes.
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,8 +60,11 @@ class NonFiniteGuard:
         self.model, self.engine, self.limit = model, engine, limit
         self.rank, self.world, self.device = rank, world, device
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.bad_grad = torch.zeros(len(self.named), dtype=torch.bool, device=device)  # this step
-        self.streak_bad_grad = torch.zeros_like(self.bad_grad)  # over the current streak (diagnosis)
+        self._pending: List[torch.Tensor] = []  # gradients queued by the hooks, checked per bucket
+        self._pending_idx: List[int] = []
+        self._pending_numel = 0
+        self._checked: List[Tuple[List[int], torch.Tensor]] = []  # (param indices, finite [n]) this step
+        self._streak_checked: List[Tuple[List[int], torch.Tensor]] = []  # over the current streak (diagnosis)
         self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)
         self.streak = 0  # consecutive skipped steps
         self.skipped = 0  # skipped steps of this process
@@ -69,30 +76,59 @@ class NonFiniteGuard:
         for i, (_, p) in enumerate(self.named):
             p.register_hook(self._grad_hook(i))
 
+    BUCKET_NUMEL = 1 << 24  # queued gradient elements checked at once (bounds what the queue keeps alive)
+
     def _grad_hook(self, i: int):
         def hook(grad):
-            self.bad_grad[i] |= ~torch.isfinite(grad).all()  # on the device: no host sync
+            self._pending.append(grad)
+            self._pending_idx.append(i)
+            self._pending_numel += grad.numel()
+            if self._pending_numel >= self.BUCKET_NUMEL:
+                self._check_pending()
         return hook
+
+    def _check_pending(self) -> None:
+        """One fused norm over the queued gradients; on the device: no host sync."""
+        if not self._pending:
+            return
+        with torch.no_grad():
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(self._pending)))
+        self._checked.append((self._pending_idx, finite))
+        self._pending, self._pending_idx, self._pending_numel = [], [], 0
+
+    def _grad_bad(self) -> torch.Tensor:
+        """Any gradient of this step non-finite (0-dim bool on the device)."""
+        self._check_pending()
+        if not self._checked:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return ~torch.cat([f for _, f in self._checked]).all()
 
     def check_loss(self, loss: torch.Tensor) -> None:
         self.bad_loss |= ~torch.isfinite(loss.detach()).all()
 
-    def decide(self) -> Dict[str, List[int]]:
+    def decide(self, extra: Sequence[float] = ()) -> Dict[str, List[int]]:
         """Collective. {"loss": ranks with a non-finite loss, "grad": ranks with non-finite
-        gradients}; both empty: take the step. Clears this step's flags."""
+        gradients}; both empty: take the step. Clears this step's flags. ``extra``: the caller's
+        per-rank numbers, summed over ranks in the same all-reduce (``self.extra`` after)."""
         import torch.distributed as dist
 
-        flags = torch.zeros(2 * self.world, dtype=torch.float32, device=self.device)
-        flags[2 * self.rank] = self.bad_loss.float()
-        flags[2 * self.rank + 1] = self.bad_grad.any().float()
+        mine = torch.stack([self.bad_loss.float(), self._grad_bad().float()])
         if dist.is_initialized() and self.world > 1:
+            flags = torch.zeros(2 * self.world + len(extra), dtype=torch.float32, device=self.device)
+            flags[2 * self.rank:2 * self.rank + 2] = mine
+            if extra:
+                flags[2 * self.world:] = torch.tensor(list(extra), dtype=torch.float32).to(self.device,
+                                                                                           non_blocking=True)
             dist.all_reduce(flags)
-        f = flags.view(self.world, 2).cpu()
+        else:
+            flags = torch.cat([mine, torch.tensor(list(extra), dtype=torch.float32).to(self.device, non_blocking=True)])
+        host = flags.tolist()  # the one host sync of the step
+        f, self.extra = host[:2 * self.world], host[2 * self.world:]
         self.bad_loss.zero_()
-        self.streak_bad_grad |= self.bad_grad
-        self.bad_grad.zero_()
-        return {"loss": [r for r in range(self.world) if f[r, 0] > 0],
-                "grad": [r for r in range(self.world) if f[r, 1] > 0]}
+        self._streak_checked += self._checked
+        self._checked = []
+        return {"loss": [r for r in range(self.world) if f[2 * r] > 0],
+                "grad": [r for r in range(self.world) if f[2 * r + 1] > 0]}
 
     @contextlib.contextmanager
     def skipping(self, skip: bool):
@@ -114,7 +150,7 @@ class NonFiniteGuard:
                 self.first_bad_step = step
         else:
             self.streak = 0
-            self.streak_bad_grad.zero_()
+            self._streak_checked = []
 
     def diagnose(self) -> str:
         """This rank's first non-finite parameter value, else gradient (flagged this streak)."""
@@ -122,7 +158,10 @@ class NonFiniteGuard:
             for name, p in self.named:
                 if not torch.isfinite(p).all():
                     return "parameter " + describe_param(name, p.detach(), self._first_expert.get(id(p)))
-        flagged = self.streak_bad_grad.nonzero().flatten().tolist()
+        bad = set()
+        for idx, finite in self._streak_checked:  # read only when the run stops
+            bad.update(i for i, ok in zip(idx, finite.tolist()) if not ok)
+        flagged = sorted(bad)  # named_parameters order
         if flagged:
             name = self.named[flagged[0]][0]
             more = f" ({len(flagged) - 1} more tensors)" if len(flagged) > 1 else ""

@@ -1,13 +1,13 @@
 """SIGTERM / SIGUSR1: the handler only records the signal; the loop acts at the next step boundary.
 
 SIGUSR1 (Slurm's preemption warning, ``#SBATCH --signal=USR1@N``): checkpoint, keep training.
-SIGTERM (preemption, ``scancel``): checkpoint, then exit 0. The flags are OR-ed over ranks
-(one tiny all-reduce per step), so a signal that reached one rank is acted on by all.
+SIGTERM (preemption, ``scancel``): checkpoint, then exit 0. The flags are OR-ed over ranks (in
+the training step's one flags all-reduce), so a signal that reached one rank is acted on by all.
 """
 from __future__ import annotations
 
 import signal
-from typing import Tuple
+from typing import Sequence, Tuple
 
 
 class SignalFlags:
@@ -39,15 +39,26 @@ class SignalFlags:
         if signum == signal.SIGTERM:
             self.exit = True
 
+    def local(self) -> Tuple[int, Tuple[float, float]]:
+        """(requests seen, this rank's [checkpoint, exit] flags): to be summed over ranks by the
+        caller's own all-reduce (the trainer merges them into the step's one flags all-reduce)."""
+        seen = self.requests
+        return seen, (float(seen > self.acted), float(self.exit))
+
+    def settle(self, seen: int, summed: Sequence[float]) -> Tuple[bool, bool]:
+        """(checkpoint, exit) from the flags summed over ranks; the requests seen are marked handled
+        (a signal that arrived during the all-reduce counts at the next step)."""
+        self.acted = seen
+        return summed[0] > 0, summed[1] > 0
+
     def agreed(self, device=None) -> Tuple[bool, bool]:
-        """(checkpoint, exit) OR-ed over all ranks (collective); the checkpoint requests seen are
-        marked handled."""
+        """(checkpoint, exit) OR-ed over all ranks (collective, its own all-reduce); the checkpoint
+        requests seen are marked handled."""
         import torch
         import torch.distributed as dist
 
-        seen = self.requests
-        t = torch.tensor([float(seen > self.acted), float(self.exit)], device=device)
+        seen, flags = self.local()
+        t = torch.tensor(flags, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        self.acted = seen  # a signal that arrived during the all-reduce counts at the next step
-        return bool(t[0]), bool(t[1])
+            dist.all_reduce(t)
+        return self.settle(seen, t.tolist())

@@ -31,6 +31,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from . import faults
+from .compile import compile_model
 from .config import RunConfig, check_parallel_layout, load_run_config
 from .distributed import (Launch, check_local_device, device_for, init_distributed, init_model_parallel,
                           resolve_launch)
@@ -39,6 +40,7 @@ from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
 from .nonfinite import NonFiniteGuard
+from .precision import apply_tf32
 from .signals import SignalFlags
 
 CKPT_SUBDIR = "checkpoints"
@@ -200,6 +202,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device_for(self.s.launch)
         t, m = self.t, self.run_cfg.model
+        self.tf32 = apply_tf32(self.device, t.allow_tf32)  # CUDA only: fp32 GEMMs on tensor cores
         if faults.active():
             faults.at_start(self.rank)
         if self._exit_requested_at_start():  # before the slow part (model, engine, resume)
@@ -220,12 +223,14 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.s.ds_config, mpu=layout.mpu, **kwargs)
         self.model = self.engine.module
         self.moe_layers = self.model.moe_layers()
+        if t.compile:
+            compile_model(self.model, t.compile_backend)
         # per-DP-rank streams for noise / dropout / InfoNCE sampling (= per rank without TP)
         torch.manual_seed(t.seed + 1_000_003 * (self.dp_rank + 1))
         random.seed(t.seed + self.dp_rank)
         np.random.seed((t.seed + self.dp_rank) % 2 ** 32)
         self.train_batches = ShardedBatches(self.s.corpus.train, m.seq_len, self.micro, self.dp_rank, self.dp_size,
-                                            t.seed)
+                                            t.seed, pin_memory=self.device.type == "cuda")
         self.step = 0
         self._resume()
         self.guard = NonFiniteGuard(self.model, self.engine, t.max_consecutive_nonfinite, self.rank, self.world,
@@ -373,15 +378,17 @@ class Trainer:
         for micro in range(gas):
             for _, layer in self.moe_layers:  # InfoNCE accuracy costs a [N, N] product: log steps only
                 layer.record_infonce_accuracy = record and micro == gas - 1
-            x, y = next(self.train_batches)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = next(self.train_batches)  # pinned on CUDA: the copies do not wait for the GPU
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = self.engine(x)
             parts = lm_loss(self.model, logits, y)
             total = faults.after_forward(step, self.rank, parts.total, self.model) if faults.active() else parts.total
             self.guard.check_loss(total)
             self.engine.backward(total)
             if micro == gas - 1:  # the optimizer step: taken on all ranks or skipped on all
-                causes = self.guard.decide()
+                seen, mine = self.flags.local()  # the signal flags ride on the guard's one all-reduce
+                causes = self.guard.decide(extra=mine)
+                signals = self.flags.settle(seen, self.guard.extra)
                 skip = bool(causes["loss"] or causes["grad"])
                 ds_skips = self.engine.skipped_steps
                 with self.guard.skipping(skip):
@@ -394,7 +401,7 @@ class Trainer:
         for h in hooks:
             h.remove()
         self.tokens_seen += self.t.batch_size * self.run_cfg.model.seq_len
-        return {"loss": sums / gas, "lr": lr, "nonfinite": causes if skip else None}
+        return {"loss": sums / gas, "lr": lr, "nonfinite": causes if skip else None, "signals": signals}
 
     def _log(self, out, step_time: float, steps_timed: int) -> Dict[str, float]:
         import torch.distributed as dist
@@ -472,7 +479,7 @@ class Trainer:
                 raise self.guard.stop_error(self.step, skipped, self.last_saved_tag)
             if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
                 self.evaluate()
-            want_ckpt, want_exit = self.flags.agreed(self.device if self.device.type == "cuda" else None)
+            want_ckpt, want_exit = out["signals"]  # agreed over ranks in the step's flags all-reduce
             periodic = t.ckpt_every and self.step % t.ckpt_every == 0
             if ((periodic or want_ckpt or want_exit or ckpt_pending or self.step == t.steps)
                     and self.last_saved != self.step):
