@@ -23,7 +23,7 @@ class Model(torch.nn.Module):
 
     def forward(self, x):
         out, l_aux, exp_counts = self.moe(x)                                # as with MoE
-        return self.head(x + out).pow(2).mean() + s2moe_aux_loss(self)    # 2. replaces coef * l_aux
+        return self.head(x + out).pow(2).mean() + s2moe_aux_loss(self)    # 2. (or keep coef * l_aux)
 
 
 def main():

@@ -70,12 +70,16 @@ class S2MoEConfig:
         min_capacity: With ``drop_tokens``: the smallest capacity per expert.
         drop_tokens: Capacity mode: slots over capacity are dropped, in DeepSpeed's priority (all
             first choices before any second choice, token order). Default ``False`` (DeepSpeed:
-            ``True``): dropless, variable group sizes, nothing padded.
+            ``True``): dropless, variable group sizes, nothing padded. A DeepSpeed-style call (an expert module
+            passed) takes DeepSpeed's default, as for ``use_rts``, ``top2_2nd_expert_sampling``,
+            ``num_experts`` and ``k``.
         use_rts: With ``drop_tokens``: random priority among first choices in training. Default
             ``False`` (DeepSpeed: ``True``).
-        use_residual: Residual MoE: ``True`` raises ``ValueError`` (not supported).
-        noisy_gate_policy: DeepSpeed's gate noise: anything but ``None`` raises ``ValueError``
-            (S2MoE has its own noise module).
+        use_residual: PR-MoE (DeepSpeed's Residual MoE): a dense residual MLP mixed with the MoE
+            output by a learned 2-way coefficient (``moe/residual.py``). Not with tensor parallelism.
+        noisy_gate_policy: DeepSpeed's router noise in training: ``Jitter`` (input times
+            U(0.99, 1.01)), ``RSample`` (top-1 choice from logits plus Gumbel noise; no effect at
+            k >= 2) or ``None``; top-k router only (``moe/noisy_gate.py``).
         use_tutel: ``True`` raises ``ValueError`` (the dispatcher is dropless and sorted).
         enable_expert_tensor_parallelism: Split each expert over the Megatron tensor-parallel
             group; ``True`` with no TP group registered raises ``ValueError`` naming the fix;
@@ -125,8 +129,8 @@ class S2MoEConfig:
     min_capacity: int = 4
     drop_tokens: bool = False  # S2MoE default: dropless (DeepSpeed's default is True)
     use_rts: bool = False
-    use_residual: bool = False
-    noisy_gate_policy: Optional[str] = None
+    use_residual: bool = False  # PR-MoE: dense residual MLP mixed in by a learned 2-way coefficient
+    noisy_gate_policy: Optional[str] = None  # DeepSpeed's "Jitter" / "RSample" (moe/noisy_gate.py)
     use_tutel: bool = False
     enable_expert_tensor_parallelism: bool = False
     top2_2nd_expert_sampling: bool = False
@@ -208,17 +212,17 @@ class S2MoEConfig:
         check_float(o, "capacity_factor", self.capacity_factor, strict=True)
         check_float(o, "eval_capacity_factor", self.eval_capacity_factor, strict=True)
         check_int(o, "min_capacity", self.min_capacity, 0)
-        if self.use_residual:
-            raise config_error(o, "use_residual", True,
-                               "Residual MoE (PR-MoE) is not supported by S2MoE; set use_residual=False")
         if self.use_tutel:
             raise config_error(o, "use_tutel", True,
                                "Tutel kernels are not used: S2MoE's dispatcher is dropless and sorted; "
                                "set use_tutel=False")
-        if self.noisy_gate_policy is not None:
+        if self.noisy_gate_policy == "None":  # DeepSpeed accepts the string for "no policy"
+            self.noisy_gate_policy = None
+        check_choice(o, "noisy_gate_policy", self.noisy_gate_policy, NOISY_GATE_POLICIES)
+        if self.noisy_gate_policy is not None and self.router_type != "topk":
             raise config_error(o, "noisy_gate_policy", self.noisy_gate_policy,
-                               "S2MoE brings its own Gaussian noise module (noise_mult_std / noise_add_std); "
-                               "set noisy_gate_policy=None")
+                               f"DeepSpeed's noisy gate acts on the top-k router only (router_type='topk', "
+                               f"got router_type={self.router_type!r}); set noisy_gate_policy=None")
         # top2_2nd_expert_sampling acts only at k=2 and is ignored otherwise, as in DeepSpeed, whose
         # default (and Megatron-DeepSpeed's, with topk=1) is True: refusing it would break drop-in use.
 

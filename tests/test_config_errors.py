@@ -92,19 +92,19 @@ def test_unknown_moe_type(entry):
 
 
 @ENTRIES
-def test_use_residual_raises(entry):
-    assert_error(entry, dict(use_residual=True), "use_residual=True", "use_residual=False")
-
-
-@ENTRIES
 def test_use_tutel_raises(entry):
     assert_error(entry, dict(use_tutel=True), "use_tutel=True", "use_tutel=False")
 
 
-@pytest.mark.parametrize("policy", ["Jitter", "RSample"])
 @ENTRIES
-def test_noisy_gate_policy_raises(entry, policy):
-    assert_error(entry, dict(noisy_gate_policy=policy), f"noisy_gate_policy={policy!r}", "noisy_gate_policy=None")
+def test_unknown_noisy_gate_policy_raises(entry):
+    assert_error(entry, dict(noisy_gate_policy="Gumbel"), "noisy_gate_policy='Gumbel'", "'Jitter'", "'RSample'")
+
+
+@ENTRIES
+def test_noisy_gate_policy_on_another_router_raises(entry):
+    assert_error(entry, dict(noisy_gate_policy="Jitter", router_type="xmoe"), "noisy_gate_policy='Jitter'",
+                 "router_type='topk'", "noisy_gate_policy=None")
 
 
 @pytest.mark.parametrize("value", [1, 0])

@@ -32,6 +32,8 @@ def _models(world):
     from s2moe_dist import S2MoE, S2MoELayer
     torch.manual_seed(0)
     ref = TinyMoEModel(S2MoELayer, ep_size=1)
+    for m in ref.moes:  # the reference averages its loss over ranks by hand: L_u live, inside that mean
+        m.attach_uncertainty_grad = False
     torch.manual_seed(1)  # different init: the EP model gets ref's weights only through load_state_dict
     model = TinyMoEModel(S2MoE, ep_size=world)
     model.load_state_dict(ref.state_dict())  # full (all experts) state dict -> this rank's block

@@ -74,7 +74,8 @@ def test_eval_is_half_of_training_and_eval_k1_half_of_eval_k2(d, h, activation):
 
 def test_user_expert_module_eval_is_half_of_training():
     torch.manual_seed(0)
-    layer = S2MoE(8, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), num_experts=4, k=2, eval_k=1)
+    layer = S2MoE(8, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), num_experts=4, k=2, eval_k=1,
+                  drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     x = torch.randn(32, 8)
     train, _ = expert_flops(layer.train(), x)
     layer.eval()

@@ -31,7 +31,8 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(activation, bias, shape)
 
 def test_user_expert_module_parameters_get_gradients():
     torch.manual_seed(0)
-    layer = S2MoE(6, nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6)), num_experts=3, k=2)
+    layer = S2MoE(6, nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6)), num_experts=3, k=2,
+                  drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     y, _, _ = layer(torch.randn(40, 6))
     (y.square().mean() + s2moe_aux_loss(layer)).backward()
     for name, p in layer.named_parameters():
@@ -123,6 +124,7 @@ def test_noise_statistics_carry_no_gradient_through_the_layer():
         layer.gate.weight.zero_()
         layer.gate.bias.fill_(-1e4)  # g = 0
         layer.router.weight.zero_()
+    layer.attach_uncertainty_grad = False  # dy/dx alone, without the InfoNCE gradient on x
     seen = capture_noise(layer)
     x = torch.randn(6, d, requires_grad=True)
     y, _, _ = layer(x)

@@ -132,7 +132,8 @@ def test_user_expert_module_deepspeed_style(k):
     d, h, E, T = 7, 6, 4, 21
     torch.manual_seed(0)
     expert_module = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d))
-    layer = S2MoE(d, expert_module, num_experts=E, k=k)
+    layer = S2MoE(d, expert_module, num_experts=E, k=k,  # dropless: DeepSpeed-style calls default to capacity
+                  drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
     experts = layer.experts.experts
     assert len(experts) == E
     with torch.no_grad():  # distinct experts, so a wrong expert index would show

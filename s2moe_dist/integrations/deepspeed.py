@@ -97,7 +97,7 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     def __init__(self, hidden_size=None, *args, config=None, **kwargs):
         super().__init__(hidden_size, *args, config=config, **kwargs)
         self.expert_group_name = f"ep_size_{self.ep_size}"
-        self.use_residual = False
+        self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
         mark_expert_params(self.experts, self.expert_group_name)
         if self.tp_plan is not None and not self.tp_plan.shard_experts:
@@ -121,6 +121,30 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
                                      "checks, the EP-aware load_checkpoint and the MoE gradient-norm fixes "
                                      "were NOT installed")
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.keep_router_fp32()
+
+    def keep_router_fp32(self) -> None:
+        """Undo the engine's bf16/fp16 cast of the router (``deepspeed.initialize`` casts every parameter
+        just before calling ``set_deepspeed_parallelism``, and keeps only buffers named in
+        ``keep_in_fp32_modules`` in fp32): routing decisions come from fp32 logits of fp32 weights.
+        The optimizer, built after this, holds the router weight in fp32."""
+        cast = [p for p in self.router.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        if not cast:
+            return
+        engine = _calling_engine()
+        if engine is None or not isinstance(engine.client_optimizer, torch.optim.Optimizer):
+            # DeepSpeed builds the optimizer from model_parameters itself: a fp32 router among bf16
+            # parameters of one group would turn the whole flat ZeRO buffer fp32; keep DeepSpeed's cast
+            msg = ("s2moe_dist: the router weight stays in the training dtype under DeepSpeed bf16/fp16: it is kept "
+                   "in fp32 only when deepspeed.initialize gets a torch optimizer (e.g. torch.optim.AdamW("
+                   "s2moe_param_groups(model), ...) from s2moe_dist.integrations.deepspeed)")
+            if msg not in _warned:
+                _warned.add(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return
+        for p in cast:
+            p.data = p.data.float()
+        separate_param_group(engine.client_optimizer, cast, "router_fp32")
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
         check_tensor_parallel_mpu(self, ds_groups.mpu)
@@ -146,6 +170,19 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
             _ensure_deepspeed_comm()
             self._create_process_groups()
         return S2MoELayer.dispatcher.fget(self)
+
+
+def separate_param_group(optimizer: torch.optim.Optimizer, params, suffix: str) -> None:
+    """Move ``params`` out of their optimizer groups into groups of their own (same options): ZeRO 1/2
+    flatten each group into ONE buffer of one dtype, so fp32 parameters among bf16 ones need a group."""
+    ids = {id(p) for p in params}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in ids]
+        if not moved or len(moved) == len(group["params"]):
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                   "name": f"{group.get('name', 'group')}_{suffix}"})
 
 
 def check_tensor_parallel_mpu(layer, mpu) -> None:
@@ -209,11 +246,26 @@ def check_engine(engine) -> None:
         check_param_groups(opt.param_groups)
     from .reshard import install_ep_aware_checkpoint_loading
     install_ep_aware_checkpoint_loading(engine)
+    install_aux_grad_scaling(engine)
     if engine.zero_optimization_stage() == 0:
         if engine.bfloat16_enabled() or engine.fp16_enabled():
             install_moe_grad_norm_for_unfused_optimizer(engine)
         else:
             install_moe_grad_clipping(engine)
+
+
+def install_aux_grad_scaling(engine) -> None:
+    """Scale the uncertainty gradient the layers attach to their outputs (``moe/aux_grad.py``) like the
+    loss: ``engine.backward(loss)`` runs inside ``scale_like(loss)``, so the attached gradient gets the
+    factor the engine applies to ``loss`` (1 / gradient_accumulation_steps, the fp16 loss scale)."""
+    from ..moe.aux_grad import scale_like
+    original = engine.backward
+
+    def backward(loss, *args, **kwargs):
+        with scale_like(loss):
+            return original(loss, *args, **kwargs)
+
+    engine.backward = backward
 
 
 def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
@@ -279,12 +331,16 @@ def global_grad_norm(parameters: Iterable[torch.Tensor], mpu=None, norm_type: fl
                 expert[p.group_name].append(p.grad)
         elif mpu is None or is_model_parallel_parameter(p) or mpu.get_model_parallel_rank() == 0:
             dense.append(p.grad)
+    device = next((g.device for g in dense), None) or next((g.device for gs in expert.values() for g in gs), None)
+    if device is None:  # no gradient at all on this rank: the reductions still need a tensor on the comm device
+        from deepspeed.accelerator import get_accelerator
+        device = torch.device(get_accelerator().current_device_name())
     if not dense:
-        dense.append(torch.zeros(1))
+        dense.append(torch.zeros(1, device=device))
     dense_norm = get_global_norm_of_tensors(dense, mpu=mpu, norm_type=norm_type)
     for name in ds_groups._get_expert_parallel_group_dict():  # every rank joins every group's reduction
         if not expert[name]:
-            expert[name].append(torch.zeros(1))
+            expert[name].append(torch.zeros(1, device=device))
     ordered = {name: expert[name] for name in sorted(expert)}
     return float(get_norm_with_moe_layers(dense_norm, mpu=mpu, expert_tensors=ordered, norm_type=norm_type))
 

@@ -104,6 +104,9 @@ class S2MoEMLP(MegatronModule):
         if layer_cls is None:
             from ..moe.layer import S2MoELayer as layer_cls
         self.moe = layer_cls(config=_moe_config(moe_config, config))
+        # this adapter (or the caller's s2moe_aux_loss, attach_aux_loss=False) carries beta * L_u, with
+        # Megatron's loss scale: the layer must not attach it a second time
+        self.moe.attach_uncertainty_grad = False
         self.attach_aux_loss = attach_aux_loss
         self.layer_number = None
 

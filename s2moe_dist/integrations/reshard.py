@@ -371,9 +371,16 @@ def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, load_optim
                     load_lr_scheduler_states: bool = True, load_module_strict: bool = True,
                     load_module_only: bool = False, _ds_load=None):
     """``engine.load_checkpoint`` that survives a change of EP size or data-parallel size (see the
-    module docstring). Returns what ``engine.load_checkpoint`` returns."""
+    module docstring). Returns what ``engine.load_checkpoint`` returns; with no ``tag`` and no
+    ``latest`` file in ``load_dir`` (an empty ``--load`` folder), DeepSpeed's warning and ``(None, None)``."""
     import deepspeed.comm as dist
     ds_load = _ds_load or engine.load_checkpoint
+    if tag is None and not os.path.isfile(os.path.join(load_dir, "latest")):
+        # DeepSpeed's contract for a first job whose --load folder is still empty: its own warning
+        # and (None, None), not an error (Megatron-DeepSpeed then starts from iteration 0)
+        return ds_load(load_dir, None, load_module_strict=load_module_strict,
+                       load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,
+                       load_module_only=load_module_only)
     tag = resolve_tag(load_dir, tag)
     ckpt_dir = os.path.join(load_dir, tag)
     layout = saved_layout(ckpt_dir)

@@ -22,6 +22,9 @@ from .mix import gated_mix
 from .noise import GaussianNoise
 from .router import Routing, TopKRouter
 from .router_variants import build_router
+from .aux_grad import attach_aux_grad
+from .noisy_gate import NoisyGateRouter
+from .residual import ResidualMLP, residual_mix
 from .stream_balance import two_stream_balance_loss
 from .tp_dispatcher import tensor_parallel_plan
 
@@ -30,10 +33,18 @@ _DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_fact
                          "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts",
                          "use_tutel", "enable_expert_tensor_parallelism", "top2_2nd_expert_sampling")
 _S2MOE_POSITIONAL = ("num_experts", "k", "ffn_hidden_size", "ep_size")
+# A DeepSpeed-style call (an expert module passed) gets deepspeed.moe.layer.MoE's defaults where
+# S2MoEConfig's differ, so swapping the import keeps the client's routing (docs/deepspeed.md).
+DEEPSPEED_DEFAULTS = {"num_experts": 1, "k": 1, "drop_tokens": True, "use_rts": True,
+                      "top2_2nd_expert_sampling": True}
 
 
 def build_config(hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
-    """Parse S2MoE's or deepspeed.moe.layer.MoE's call conventions into (config, expert module)."""
+    """Parse S2MoE's or deepspeed.moe.layer.MoE's call conventions into (config, expert module).
+
+    With an expert module (DeepSpeed's convention, positional or ``expert=``), arguments left out
+    take DeepSpeed's defaults (``DEEPSPEED_DEFAULTS``: num_experts 1, k 1, drop_tokens, use_rts and
+    top2_2nd_expert_sampling True); without one, S2MoEConfig's (16 experts, top-2, dropless)."""
     if config is not None:
         if args or kwargs.keys() - {"expert"}:
             raise ValueError("S2MoE: pass either config=S2MoEConfig(...) or keyword arguments, not both")
@@ -48,6 +59,8 @@ def build_config(hidden_size=None, *args, config: Optional[S2MoEConfig] = None, 
     expert = kwargs.pop("expert", None)
     if expert is not None and not isinstance(expert, nn.Module):
         raise ValueError(f"S2MoE.expert={expert!r} is invalid: must be a torch.nn.Module or None")
+    if expert is not None:
+        kwargs = {**DEEPSPEED_DEFAULTS, **kwargs}
     return S2MoEConfig(hidden_size=hidden_size, **kwargs), expert
 
 
@@ -71,9 +84,19 @@ class S2MoELayer(nn.Module):
     """S2MoE layer. Accepts S2MoE's and ``deepspeed.moe.layer.MoE``'s arguments.
 
     ``forward(x)`` -> ``(output, l_aux, exp_counts)`` like DeepSpeed: ``l_aux`` is the balance loss
-    (mean over the two streams), ``exp_counts`` the kept slots per global expert (both streams).
-    After a forward, ``self.uncertainty_loss`` holds the InfoNCE loss (a zero tensor in eval).
+    (mean over the two streams), ``exp_counts`` the slots kept per global expert summed over BOTH
+    streams (after capacity drops; twice DeepSpeed's sum in training). ``deepspeed_exp_counts()``
+    gives DeepSpeed's count (tokens routed per expert, one stream, before capacity drops).
+
+    Losses: in training, the gradient of ``uncertainty_coef * L_u`` (InfoNCE) is attached to the
+    output (``moe/aux_grad.py``): it reaches the parameters with no change to the client's loss,
+    under activation checkpointing too, and a client's ``coeff * l_aux`` scales the balance loss
+    only. ``self.uncertainty_loss`` then holds L_u's value, detached (for logging: adding it, or
+    ``s2moe_aux_loss(model)``, to the loss cannot count it twice). ``attach_uncertainty_grad =
+    False`` makes it a live tensor the caller must add itself.
     """
+
+    attach_uncertainty_grad: bool = True
 
     def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
         super().__init__()
@@ -86,7 +109,15 @@ class S2MoELayer(nn.Module):
         self.tp_plan = tensor_parallel_plan(cfg, user_expert=expert is not None)
         self.ep_rank = self.tp_plan.ep_rank if self.tp_plan else expert_parallel_rank(cfg.ep_size)
         self.first_expert = self.ep_rank * self.num_local_experts
-        self.router = build_router(cfg)  # router_type: topk (router.weight [E, d]) | xmoe | stablemoe
+        # router_type: topk (router.weight [E, d]) | xmoe | stablemoe; DeepSpeed's Jitter / RSample on topk
+        if cfg.noisy_gate_policy is None:
+            self.router = build_router(cfg)
+        else:
+            self.router = NoisyGateRouter(cfg.hidden_size, cfg.num_experts, cfg.noisy_gate_policy)
+            if cfg.noisy_gate_policy == "RSample" and cfg.k != 1:
+                import warnings
+                warnings.warn(f"S2MoE: noisy_gate_policy='RSample' acts on top-1 routing only and has no effect at "
+                              f"k={cfg.k} (as in DeepSpeed's top-2 gate)", RuntimeWarning, stacklevel=3)
         if expert is not None:
             self.experts = ModuleExperts(expert, cfg.num_local_experts)
         else:
@@ -102,7 +133,15 @@ class S2MoELayer(nn.Module):
         if self.is_s2moe:
             self.gate = nn.Linear(cfg.hidden_size, 1)
             self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean, cfg.noise_draws)
+        if cfg.use_residual:  # PR-MoE (moe/residual.py); DeepSpeed's parameter names
+            if self.tp_plan is not None:
+                raise ValueError("S2MoEConfig.use_residual=True is invalid with tensor-parallel S2MoE layers (the "
+                                 "residual MLP is not split over TP); set use_residual=False or build without TP")
+            self.mlp = expert if expert is not None else ResidualMLP(
+                cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.expert_bias)
+            self.coefficient = nn.Linear(cfg.hidden_size, 2)
         self._dispatcher = None
+        self._routed_idx = (None, None)  # [T, k] chosen experts of each stream, last forward
         self.l_aux = torch.zeros(())
         self.uncertainty_loss = torch.zeros(())
         self.last_stats: Dict[str, Any] = {}
@@ -184,7 +223,8 @@ class S2MoELayer(nn.Module):
             self.l_aux = self._balance(r)
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
             self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
-            return out.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
+            self._routed_idx = (r.expert_idx.detach(), None)
+            return self._output(out, x, shape, hidden_states.dtype), self.l_aux, counts.detach()
 
         gen = None
         if not self.training:  # eval_mode="noisy": seeded, reproducible noise
@@ -217,7 +257,32 @@ class S2MoELayer(nn.Module):
             z = z_hat = None
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
         self._record(counts, dropped, 2 * r_clean.expert_idx.numel(), gate=g, z=z, z_hat=z_hat)
-        return y.reshape(shape).to(hidden_states.dtype), self.l_aux, counts.detach()
+        self._routed_idx = (r_clean.expert_idx.detach(), r_noisy.expert_idx.detach())
+        return self._output(y, x, shape, hidden_states.dtype), self.l_aux, counts.detach()
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, shape, dtype) -> torch.Tensor:
+        """PR-MoE's residual mix, the input's shape and dtype, and the uncertainty gradient attached."""
+        y = y.to(dtype)
+        if self.config.use_residual:
+            y = residual_mix(y, x, self.mlp, self.coefficient)
+        y = y.reshape(shape)
+        if self.attach_uncertainty_grad and self.uncertainty_loss.requires_grad:
+            y = attach_aux_grad(y, self.uncertainty_loss, self.config.uncertainty_coef)
+            self.uncertainty_loss = self.uncertainty_loss.detach()
+        return y
+
+    def deepspeed_exp_counts(self, stream: str = "clean") -> torch.Tensor:
+        """DeepSpeed's ``exp_counts`` of the last forward: this rank's tokens routed to each global
+        expert (top-k choices before capacity drops), of the ``"clean"`` or ``"noisy"`` stream
+        (``"noisy"``: None in eval / SMoE). Computed on call (no cost per step), no host sync."""
+        if stream not in ("clean", "noisy"):
+            raise ValueError(f"deepspeed_exp_counts(stream={stream!r}) is invalid: must be 'clean' or 'noisy'")
+        idx = self._routed_idx[0 if stream == "clean" else 1]
+        if idx is None:
+            return None
+        flat = idx.reshape(-1)
+        return torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
 
     def _record(self, counts, dropped, slots: int, gate=None, z=None, z_hat=None) -> None:
         """Detached per-layer statistics for logging (TensorBoard); cheap, no host sync (``dropped``,
@@ -230,7 +295,8 @@ class S2MoELayer(nn.Module):
         self.last_stats = stats
 
     def aux_loss(self) -> torch.Tensor:
-        """alpha * L_bal + beta * L_u of the last forward."""
+        """alpha * L_bal + beta * L_u of the last forward (L_u's value only while its gradient is
+        attached to the output: see the class docstring)."""
         cfg = self.config
         return cfg.balance_coef * self.l_aux + cfg.uncertainty_coef * self.uncertainty_loss
 
@@ -255,6 +321,10 @@ def s2moe_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of ``alpha * L_bal + beta * L_u`` over every S2MoE layer of ``model`` (last forward).
 
         loss = task_loss + s2moe_aux_loss(model)
+
+    The uncertainty term is attached to the layer outputs by default (``moe/aux_grad.py``), so here
+    it is its value only: adding this to the loss adds ``alpha * L_bal``'s gradient, and L_u's is
+    counted once, by the layer.
     """
     total = None
     for m in model.modules():
