@@ -28,6 +28,7 @@ TEST_KINDS = {
     "test_data.py": "unit",
     "test_deepspeed_checkpoint.py": "distributed",
     "test_deepspeed_engine.py": "distributed",
+    "test_deepspeed_expert_seeding.py": "distributed",
     "test_deepspeed_launchers.py": "system",
     "test_deepspeed_layer.py": "unit",
     "test_deepspeed_version_guard.py": "distributed",
