@@ -172,7 +172,7 @@ class ExpertBank(nn.Module):
         the weights changed since they were drawn (a load or an optimizer step would be lost)."""
         if first_expert == self.first_expert:
             return
-        if self.w1.is_meta:
+        if self.w1.is_meta or getattr(self, "_drawn_versions", None) is None:  # never drawn: nothing to redo
             self.first_expert = first_expert
             return
         if self._versions() != self._drawn_versions:
