@@ -1,29 +1,28 @@
 """The paper's Figure 1 in miniature: BPC against the number of experts activated at inference.
 
 Trains each contestant with ``s2moe-train`` (the DeepSpeed engine) on the same budget -- same
-config, steps, batches and seed; only ``model.moe.moe_type`` / ``router_type`` differ -- then
-scores each checkpoint with ``s2moe-eval`` on the held-out test split at every ``--eval-k``.
+config, steps, batches and seed; only the ``model.moe`` overrides of the contestant differ --
+then scores each checkpoint with ``s2moe-eval`` on the held-out test split at every ``--eval-k``.
 
-    python benchmarks/quality.py [--models smoe s2moe xmoe stablemoe] [--steps 1500] [--world 1]
-        [--seeds 1234 1235 1236] [--config configs/model/quality-tiny.yaml] [--output outputs/quality]
-        [--write-results]
+    python benchmarks/quality.py --models smoe s2moe-top1 s2moe-top1.beta0 --seeds 1234 1235 1236
+        [--steps 1500] [--config configs/model/quality-tiny.yaml] [--output runs/quality] [--train-only]
+    python benchmarks/quality.py --report-only --write-results   # tables, plot, RESULTS.md section
 
-With several ``--seeds`` every contestant is trained once per seed (``train.seed``: initial
-weights, batch order, noise) and the tables give the mean and the sample standard deviation over
-seeds, and S2MoE - SMoE differences paired by seed.
+Contestants (``--models``): a base, optionally ``<base>.<ablation>`` for an S2MoE base.
+  smoe / smoe-top1     the paper's SMoE baseline (our layer without noise stream and gate), top-2 / top-1
+  s2moe                S2MoE trained top-2: both streams top-2 (twice SMoE top-2's expert rows)
+  s2moe-top1           S2MoE trained top-1: two streams x top-1, SMoE top-2's expert rows per token
+  xmoe, stablemoe      SMoE with X-MoE / StableMoE routing (router frozen after steps/4)
+  ablations            beta0, infonce-output, fixed-gate, shared-routing, noise0.1, noise0.3,
+                       noise0.3-1.0, noise1.0-0.3, tau0.5, tau0.05 (see ABLATIONS)
 
-Contestants (all trained with top-2):
-  smoe       the paper's SMoE baseline: our layer without the noise stream and gate
-  s2moe      S2MoE: clean + noisy stream, gate, InfoNCE uncertainty loss
-  xmoe       SMoE with X-MoE routing (Chi et al. 2022, low-dimensional normalised routing)
-  stablemoe  SMoE with StableMoE routing (Dai et al. 2022); router frozen after a quarter of
-             the steps (stage 2)
-
-Resumable: a contestant whose output folder holds a finished run of the same steps is not
-trained again (an unfinished one continues with ``--resume auto``); its test scores are
-kept in ``test_eval.json`` and reused. Writes ``benchmarks/results/quality.json``,
-``benchmarks/results/quality.md``, ``benchmarks/quality_bpc_vs_k.png`` and, with
-``--write-results``, the "Quality (Figure 1 in miniature)" section of RESULTS.md.
+Run folders: ``<output>/<name>-seed<N>`` (``-steps<S>`` appended for a budget other than the
+config's). Resumable: a finished run of the same steps is not trained again (an unfinished one
+continues with ``--resume auto``); test scores are kept in ``test_eval.json``. ``--train-only``
+writes no report (several quality.py may train at once); ``--report-only`` trains nothing and
+reports every run folder under ``--output`` (quality_report.py): ``benchmarks/results/quality.json``,
+``quality.md``, ``benchmarks/quality_bpc_vs_k.png`` and, with ``--write-results``, the
+"Quality (Figure 1 in miniature)" section of RESULTS.md.
 """
 from __future__ import annotations
 
@@ -42,24 +41,68 @@ import common  # noqa: E402  (benchmarks/common.py: machine, load average, table
 
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "text8-head-12.5M.gz")
 SECTION = "Quality (Figure 1 in miniature)"
-LABELS = {"smoe": "SMoE", "s2moe": "S2MoE", "xmoe": "XMoE", "stablemoe": "StableMoE"}
+# Base contestants: name -> (label, overrides). "-top1": trained with model.moe.k=1 (the config has k=2).
+BASES = {
+    "smoe": ("SMoE top-2", ["model.moe.moe_type=smoe", "model.moe.router_type=topk"]),
+    "s2moe": ("S2MoE top-2", ["model.moe.moe_type=s2moe", "model.moe.router_type=topk"]),
+    "smoe-top1": ("SMoE top-1", ["model.moe.moe_type=smoe", "model.moe.router_type=topk", "model.moe.k=1"]),
+    # two streams x top-1: the same expert rows per token in training as SMoE top-2 (iso-FLOP)
+    "s2moe-top1": ("S2MoE trained top-1", ["model.moe.moe_type=s2moe", "model.moe.router_type=topk",
+                                           "model.moe.k=1"]),
+    "xmoe": ("XMoE", ["model.moe.moe_type=smoe", "model.moe.router_type=xmoe"]),
+    "stablemoe": ("StableMoE", ["model.moe.moe_type=smoe", "model.moe.router_type=stablemoe"]),
+}
+# Ablations of S2MoE's parts, appended to an S2MoE base as "<base>.<ablation>" (e.g. s2moe-top1.beta0).
+ABLATIONS = {
+    "beta0": ("no InfoNCE (beta 0)", ["model.moe.uncertainty_coef=0.0"]),
+    "infonce-output": ("InfoNCE on expert outputs", ["model.moe.uncertainty_on=output"]),
+    "fixed-gate": ("fixed gate 0.5", ["model.moe.gate=fixed"]),
+    "shared-routing": ("noisy stream routed like its clean token", ["model.moe.noisy_routing=shared"]),
+    "noise0.1": ("noise (a, b) = (0.1, 0.1)", ["model.moe.noise_mult_std=0.1", "model.moe.noise_add_std=0.1"]),
+    "noise0.3": ("noise (a, b) = (0.3, 0.3)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=0.3"]),
+    "noise0.3-1.0": ("noise (a, b) = (0.3, 1.0)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=1.0"]),
+    "noise1.0-0.3": ("noise (a, b) = (1.0, 0.3)", ["model.moe.noise_mult_std=1.0", "model.moe.noise_add_std=0.3"]),
+    "tau0.5": ("InfoNCE tau 0.5", ["model.moe.infonce_temperature=0.5"]),
+    "tau0.05": ("InfoNCE tau 0.05", ["model.moe.infonce_temperature=0.05"]),
+}
+
+
+def split_name(name: str):
+    """``"<base>[.<ablation>]"`` -> (base, ablation or None); unknown parts raise ValueError."""
+    base, _, abl = name.partition(".")
+    if base not in BASES:
+        raise ValueError(f"unknown contestant {name!r}: base must be one of {sorted(BASES)}")
+    if abl and (abl not in ABLATIONS or not base.startswith("s2moe")):
+        raise ValueError(f"unknown contestant {name!r}: an ablation ({sorted(ABLATIONS)}) applies to an "
+                         "S2MoE base (s2moe, s2moe-top1)")
+    return base, abl or None
+
+
+def label(name: str) -> str:
+    base, abl = split_name(name)
+    return BASES[base][0] + (f", {ABLATIONS[abl][0]}" if abl else "")
 
 
 def contestant_overrides(name: str, steps: int):
     """``--set`` overrides that make ``name`` out of the shared config."""
-    table = {
-        "smoe": ["model.moe.moe_type=smoe", "model.moe.router_type=topk"],
-        "s2moe": ["model.moe.moe_type=s2moe", "model.moe.router_type=topk"],
-        "xmoe": ["model.moe.moe_type=smoe", "model.moe.router_type=xmoe"],
-        "stablemoe": ["model.moe.moe_type=smoe", "model.moe.router_type=stablemoe",
-                      f"model.moe.freeze_router_after={max(1, steps // 4)}"],
-    }
-    return table[name]
+    base, abl = split_name(name)
+    out = list(BASES[base][1])
+    if base == "stablemoe":
+        out.append(f"model.moe.freeze_router_after={max(1, steps // 4)}")
+    return out + (ABLATIONS[abl][1] if abl else [])
+
+
+def contestant_name(value: str) -> str:
+    split_name(value)
+    return value
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["smoe", "s2moe"], choices=list(LABELS))
+    p.add_argument("--models", nargs="+", type=contestant_name, default=None,
+                   help=f"contestants: a base {sorted(BASES)}, optionally with an S2MoE ablation "
+                        f"<base>.<ablation> {sorted(ABLATIONS)} (default: smoe s2moe; with --report-only "
+                        "every run folder under --output)")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "quality-tiny.yaml"))
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
@@ -71,11 +114,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="train.seed of each run (default: the config's seed only)")
     p.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: all)")
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "quality"), help="run folders")
+    p.add_argument("--output", default=os.path.join(ROOT, "runs", "quality"), help="run folders")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where quality.json / .md go")
     p.add_argument("--png", default=os.path.join(HERE, "quality_bpc_vs_k.png"))
     p.add_argument("--write-results", action="store_true", help="write the RESULTS.md section")
     p.add_argument("--report-only", action="store_true", help="no training/eval: tables and plot from the run folders")
+    p.add_argument("--previous", default=None,
+                   help="a previous quality.json whose runs fill in contestants/seeds with no run folder here")
+    p.add_argument("--train-only", action="store_true",
+                   help="train and score the runs, write no report (for several quality.py at once)")
     return p.parse_args(argv)
 
 
@@ -96,11 +143,10 @@ def _env(threads: int):
     return env
 
 
-def run_dir_for(args, name: str, seed: int, config_seed: int) -> str:
-    """``<output>/<name>`` for the config's seed (the folders that predate --seeds), else
-    ``<output>/<name>-seed<N>``."""
-    base = os.path.join(os.path.abspath(args.output), name)
-    return base if seed == config_seed else f"{base}-seed{seed}"
+def run_dir_for(args, name: str, seed: int, steps: int, config_steps: int) -> str:
+    """``<output>/<name>-seed<N>``, with ``-steps<S>`` when the budget is not the config's."""
+    base = os.path.join(os.path.abspath(args.output), f"{name}-seed{seed}")
+    return base if steps == config_steps else f"{base}-steps{steps}"
 
 
 def train(name: str, args, steps: int, run_dir: str, seed: int) -> None:
@@ -161,38 +207,6 @@ def evaluate(name: str, args, steps: int, run_dir: str) -> dict:
     return result
 
 
-def mean_std(values):
-    """Mean and sample standard deviation (None for one value)."""
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(runs: dict, steps: int) -> dict:
-    """Per model: mean test BPC over seeds (``test_bpc``), its std (``test_bpc_std``), the runs."""
-    results = {}
-    for name, by_seed in runs.items():
-        ks = next(iter(by_seed.values()))["test_bpc"].keys()
-        stats = {k: mean_std(r["test_bpc"][k] for r in by_seed.values()) for k in ks}
-        first = next(iter(by_seed.values()))
-        results[name] = {"overrides": contestant_overrides(name, steps), "seeds": [int(x) for x in by_seed],
-                         "test_bpc": {k: m for k, (m, _) in stats.items()},
-                         "test_bpc_std": {k: sd for k, (_, sd) in stats.items()},
-                         "test_characters": first["test_characters"], "step": first["step"],
-                         "runs": by_seed}
-    return results
-
-
-def paired(results: dict, a: str, ka: str, b: str, kb: str):
-    """Differences a@ka - b@kb over the seeds both models have, in seed order."""
-    common_seeds = [s for s in results[a]["runs"] if s in results[b]["runs"]]
-    return [(s, results[a]["runs"][s]["test_bpc"][ka] - results[b]["runs"][s]["test_bpc"][kb])
-            for s in common_seeds]
-
-
-def _fmt(mean: float, sd) -> str:
-    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
-
-
 def train_summary(run_dir: str) -> dict:
     """Median logged training tokens/s, last logged losses, final validation BPC, wall time."""
     rows = {}
@@ -210,134 +224,32 @@ def train_summary(run_dir: str) -> dict:
     return {"median_train_tokens_per_s": statistics.median(tps) if tps else None,
             "last_train_loss_task": last.get("train/loss_task"),
             "valid_bpc": final.get("bpc_valid"), "train_wall_s": timing.get("train_wall_s"),
+            "gate_mean": {k: v for k, v in last.items() if k.endswith("/gate_mean")},
             "eval_curve": {str(s): {k: v for k, v in r.items() if k.startswith("eval/")}
                            for s, r in sorted(rows.items()) if any(k.startswith("eval/") for k in r)}}
 
 
-def plot(results: dict, ks, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, r in results.items():
-        ys = [r["test_bpc"][str(k)] for k in ks]
-        err = [r["test_bpc_std"][str(k)] for k in ks]
-        n = len(r["seeds"])
-        label = LABELS[name] + (f" (mean ± sd, {n} seeds)" if n > 1 else "")
-        ax.errorbar(ks, ys, yerr=None if None in err else err, marker="o", capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("experts activated per token at inference (eval_k; trained with top-2)")
-    ax.set_ylabel("test BPC (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def collect(args, run_dir: str, ev: dict, source: str) -> dict:
+    """One run's record: test BPC, training summary, counted FLOPs and collapse diagnostics."""
+    import quality_report
+    return {"run_dir": os.path.relpath(run_dir, ROOT), "source": source, "test_bpc": ev["bpc"],
+            "test_characters": ev["characters_scored"], "step": ev["step"], "train": train_summary(run_dir),
+            "collapse": quality_report.run_collapse(run_dir, args.data)}
 
 
-def report(args, steps: int, results: dict, meta: dict) -> str:
-    ks = sorted(args.eval_k)
-    header = ["model", "seeds", *[f"test BPC k={k}" for k in ks], "valid BPC k=2 (end of training)",
-              "train tokens/s (median of logs)", "train wall s"]
-    rows, seed_rows = [], []
-    for name, r in results.items():
-        trains = [run["train"] for run in r["runs"].values()]
-        valid = [t["valid_bpc"]["2"] for t in trains if (t["valid_bpc"] or {}).get("2") is not None]
-        tps = [t["median_train_tokens_per_s"] for t in trains if t["median_train_tokens_per_s"]]
-        wall = [t["train_wall_s"] for t in trains if t["train_wall_s"]]
-        test_bpc = [_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks]
-        rows.append([LABELS[name], len(r["seeds"]), *test_bpc,
-                     _fmt(*mean_std(valid)) if valid else "-", f"{statistics.median(tps):.0f}" if tps else "-",
-                     f"{statistics.fmean(wall):.0f}" if wall else "-"])
-        for seed, run in r["runs"].items():
-            seed_rows.append([LABELS[name], seed, *[f'{run["test_bpc"][str(k)]:.4f}' for k in ks]])
-    several = any(len(r["seeds"]) > 1 for r in results.values())
-    tables = [common.markdown_table(header, rows)]
-    if several:
-        tables += ["", "Each run (test BPC):", "", common.markdown_table(["model", "seed", *[f"k={k}" for k in ks]],
-                                                                        seed_rows)]
-    notes = []
-    if "smoe" in results and "s2moe" in results:
-        def line(pairs):
-            m, sd = mean_std(d for _, d in pairs)
-            per_seed = ", ".join(f"{d:+.4f}" for _, d in pairs)
-            return f"{m:+.4f}" + (f" ± {sd:.4f} (per seed: {per_seed})" if sd is not None else "")
-        diffs = "; ".join(f"k={k}: {line(paired(results, 's2moe', str(k), 'smoe', str(k)))}" for k in ks)
-        notes.append(f"- S2MoE minus SMoE test BPC, paired by seed (negative: S2MoE better): {diffs}")
-        if "1" in results["s2moe"]["test_bpc"] and "2" in results["smoe"]["test_bpc"]:
-            pairs = paired(results, "s2moe", "1", "smoe", "2")
-            m = statistics.fmean(d for _, d in pairs)
-            notes.append(f"- the paper's claim, S2MoE with 1 expert against SMoE with 2: {line(pairs)} BPC "
-                         f"({'S2MoE k=1 better' if m < 0 else 'SMoE k=2 better'} on the mean; "
-                         f"{sum(d < 0 for _, d in pairs)} of {len(pairs)} seeds S2MoE k=1 better)")
-    seeds = sorted({s for r in results.values() for s in r["seeds"]})
-    spread = ("the standard deviations above are over " + f"{len(seeds)} seeds" if several else
-              "one seed per model: the seed-to-seed spread was not measured, so differences of a few "
-              "hundredths of a bit are not established by this run alone")
-    body = "\n".join([
-        f"- machine: {meta['machine']}",
-        f"- date: {meta['date']}; command: `{meta['command']}`",
-        (f"- load average: before {meta['load_before']}, after {meta['load_after']} (2 cores shared with other jobs)"
-         if not meta["load_before"].startswith("n/a") else f"- load average: {meta['load_before']}"),
-        f"- budget (same for every model and seed): {steps} steps x {meta['batch_size']} sequences x "
-        f"{meta['seq_len']} characters = {meta['train_characters'] / 1e6:.2f}M training characters, "
-        f"seed(s) {', '.join(map(str, seeds))} (train.seed: initial weights, batch order, noise), "
-        f"{args.world} rank(s), {args.threads} thread(s) each, DeepSpeed engine ({args.deepspeed or 'ZeRO-0 fp32'})",
-        f"- model: `{os.path.relpath(args.config, ROOT)}` ({meta['model_desc']}); all trained with top-2; "
-        "StableMoE's router frozen after steps/4",
-        f"- data: `{os.path.relpath(os.path.abspath(args.data), ROOT)}` (text8 head, 90/5/5 split); test BPC "
-        f"over {meta['test_characters']} characters of the test split"
-        + (f" (first {args.max_windows} windows)" if args.max_windows else " (all windows)"),
-        f"- plot: `{os.path.relpath(os.path.abspath(args.png), ROOT)}`; JSON: "
-        f"`{os.path.relpath(os.path.join(os.path.abspath(args.results), 'quality.json'), ROOT)}`",
-        "- cells: mean ± sample standard deviation over seeds (a single value: one seed)",
-        "", *tables, "", *notes,
-        f"- A miniature: a ~1M-parameter model trained for minutes, not the paper's 100k steps at d 256; "
-        f"{spread}. Train tokens/s and wall time were taken under different loads from other jobs "
-        "(see bench_model.py for speed).",
-    ])
-    return body
-
-
-def write_outputs(args, run_cfg, steps: int, results: dict, load_before: str) -> str:
-    m = run_cfg.model
-    run_meta = {"machine": common.machine(), "date": common.now(), "command": common.command_line(),
-                "load_before": load_before, "load_after": common.load_average()}
-    if args.report_only:
-        previous = (_read_json(os.path.join(args.results, "quality.json")) or {}).get("meta", {})
-        seeds = sorted({s for r in results.values() for s in r["seeds"]})
-        if previous.get("seeds", [previous.get("config_seed", previous.get("seed"))]) == seeds:
-            # the same runs: keep the figures' own date, command and load from the run that made them
-            run_meta.update({k: previous[k] for k in run_meta if k in previous})
-        else:  # assembled from run folders trained at different times: say so instead of one load
-            run_meta["load_before"] = run_meta["load_after"] = (
-                "n/a: a report over existing run folders, each trained by `python benchmarks/quality.py "
-                "--models M --seeds S` (its log: <run folder>/train.log)")
-    meta = {**run_meta, "batch_size": run_cfg.train.batch_size,
-            "seq_len": m.seq_len, "config_seed": run_cfg.train.seed,
-            "train_characters": steps * run_cfg.train.batch_size * m.seq_len,
-            "test_characters": next(iter(results.values()))["test_characters"],
-            "model_desc": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
-                          f"{m.moe['num_experts']} experts of hidden {m.moe['ffn_hidden_size']}"}
-    ks = sorted(args.eval_k)
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "quality.json"), "w") as f:
-        json.dump({"meta": {**meta, "steps": steps, "world": args.world, "threads": args.threads,
-                            "seeds": sorted({s for r in results.values() for s in r["seeds"]}),
-                            "config": os.path.relpath(args.config, ROOT), "eval_k": ks},
-                   "results": results}, f, indent=2)
-    plot(results, ks, args.png, f"text8 head, {steps} steps, tiny LM ({m.n_layers}x{m.d_model}, "
-                                f"{m.moe['num_experts']} experts), trained top-2")
-    body = report(args, steps, results, meta)
-    with open(os.path.join(args.results, "quality.md"), "w") as f:
-        f.write(f"## {SECTION}\n\n{body}\n")
-    if args.write_results:
-        common.write_section(SECTION, body)
-    return body
+def discover(output: str):
+    """{name: {seed: steps}} of the run folders under ``output`` that hold a test_eval.json."""
+    import re
+    found = {}
+    for entry in sorted(os.listdir(output)) if os.path.isdir(output) else []:
+        m = re.fullmatch(r"(.+)-seed(\d+)(?:-steps(\d+))?", entry)
+        if m and os.path.isfile(os.path.join(output, entry, "test_eval.json")):
+            try:
+                split_name(m.group(1))
+            except ValueError:
+                continue
+            found.setdefault(m.group(1), {})[int(m.group(2))] = int(m.group(3)) if m.group(3) else None
+    return found
 
 
 def main(argv=None) -> int:
@@ -351,34 +263,29 @@ def main(argv=None) -> int:
     if args.world < 1 or args.threads < 1:
         print("quality.py: error: --world and --threads must be >= 1", file=sys.stderr)
         return 2
+    if args.report_only and args.train_only:
+        print("quality.py: error: --report-only and --train-only exclude each other", file=sys.stderr)
+        return 2
     from s2moe_dist.train.config import load_run_config
     run_cfg = load_run_config(args.config, [f"train.steps={args.steps}"] if args.steps else [], args.data)
     steps = run_cfg.train.steps
-    load_before = common.load_average()
+    config_steps = load_run_config(args.config, [], args.data).train.steps
+    if args.report_only:
+        import quality_report
+        return quality_report.main(args, run_cfg, config_steps)
     seeds = args.seeds or [run_cfg.train.seed]
-    runs = {}  # name -> {seed: run record}
-    body = None
+    args.models = args.models or ["smoe", "s2moe"]
     # seed-major: after each seed every model has one more run, so partial results stay comparable
     for seed in seeds:
         for name in args.models:
-            run_dir = run_dir_for(args, name, seed, run_cfg.train.seed)
-            if not args.report_only:
-                train(name, args, steps, run_dir, seed)
-                ev = evaluate(name, args, steps, run_dir)
-            else:
-                ev = _read_json(os.path.join(run_dir, "test_eval.json"))
-                if not ev:
-                    print(f"[quality] {name} seed {seed}: no test_eval.json in {run_dir}, left out", flush=True)
-                    continue
-            runs.setdefault(name, {})[str(seed)] = {
-                "run_dir": os.path.relpath(run_dir, ROOT), "test_bpc": ev["bpc"],
-                "test_characters": ev["characters_scored"], "step": ev["step"], "train": train_summary(run_dir)}
+            run_dir = run_dir_for(args, name, seed, steps, config_steps)
+            train(name, args, steps, run_dir, seed)
+            ev = evaluate(name, args, steps, run_dir)
             print(f"[quality] {name} seed {seed}: test BPC "
                   + "  ".join(f"k={k}: {v:.4f}" for k, v in ev["bpc"].items()), flush=True)
-            body = write_outputs(args, run_cfg, steps, aggregate(runs, steps), load_before)
-    if body is None:
-        return 1
-    print(body, flush=True)
+    if not args.train_only:
+        import quality_report
+        return quality_report.main(args, run_cfg, config_steps)
     return 0
 
 

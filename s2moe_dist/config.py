@@ -10,6 +10,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu")
 EVAL_MODES = ("clean", "noisy")
 NOISY_ROUTING = ("own", "shared")
 UNCERTAINTY_ON = ("input", "output")
+GATES = ("learned", "fixed")  # fixed: y = 0.5 * clean + 0.5 * noisy (ablation, no gate parameters)
 ROUTER_TYPES = ("topk", "xmoe", "stablemoe")  # s2moe_dist/moe/router_variants.py
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 
@@ -100,6 +101,8 @@ class S2MoEConfig:
         uncertainty_on: InfoNCE on ``(x, x_hat)`` (``input``: its gradient reaches the layers that
             produced ``x``) or on ``(SMoE(x), SMoE(x_hat))`` (``output``: trains router and
             experts too).
+        gate: ``learned`` (``g = sigmoid(x W_g + b_g)``) or ``fixed`` (``g = 0.5``, no gate
+            parameters: the no-gate ablation).
         infonce_temperature: tau of InfoNCE.
         infonce_max_tokens: Token sample size bounding InfoNCE's N x N logits.
         balance_coef: alpha: weight of the balance loss in ``aux_loss()`` / ``s2moe_aux_loss``.
@@ -142,6 +145,7 @@ class S2MoEConfig:
     noise_draws: int = 2  # 1: one Gaussian draw per element, same x_hat distribution (docstring)
     noisy_routing: str = "own"
     uncertainty_on: str = "input"
+    gate: str = "learned"
     infonce_temperature: float = 0.1
     infonce_max_tokens: int = 1024
     balance_coef: float = 0.01
@@ -192,6 +196,7 @@ class S2MoEConfig:
         check_choice(o, "eval_mode", self.eval_mode, EVAL_MODES)
         check_choice(o, "noisy_routing", self.noisy_routing, NOISY_ROUTING)
         check_choice(o, "uncertainty_on", self.uncertainty_on, UNCERTAINTY_ON)
+        check_choice(o, "gate", self.gate, GATES)
         check_choice(o, "router_type", self.router_type, ROUTER_TYPES)
         check_int(o, "router_dim", self.router_dim, 1)
         check_float(o, "router_temperature", self.router_temperature, strict=True)

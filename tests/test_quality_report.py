@@ -1,37 +1,43 @@
-"""benchmarks/quality.py's seed aggregation: means, sample std and seed-paired differences."""
+"""benchmarks/quality.py contestant names and quality_report.py's paired differences and
+same-wall-clock reading (pure functions over run records)."""
 import os
-import statistics
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import quality  # noqa: E402
+import quality_report  # noqa: E402
 
 
-def _run(bpc):
-    return {"test_bpc": {k: v for k, v in bpc.items()}, "test_characters": 100, "step": 10,
-            "train": {"valid_bpc": None, "median_train_tokens_per_s": None, "train_wall_s": None}}
+def test_contestant_names_and_overrides():
+    assert quality.contestant_overrides("s2moe-top1.fixed-gate", 1500) == [
+        "model.moe.moe_type=s2moe", "model.moe.router_type=topk", "model.moe.k=1", "model.moe.gate=fixed"]
+    assert quality.contestant_overrides("stablemoe", 1500)[-1] == "model.moe.freeze_router_after=375"
+    with pytest.raises(ValueError, match="ablation .* applies to an S2MoE base"):
+        quality.split_name("smoe.beta0")
+    with pytest.raises(ValueError, match="base must be one of"):
+        quality.split_name("moe")
 
 
-def test_aggregate_means_std_and_paired_differences():
-    runs = {"smoe": {"1": _run({"1": 2.20, "2": 2.10}), "2": _run({"1": 2.30, "2": 2.16}),
-                     "3": _run({"1": 2.25, "2": 2.13})},
-            "s2moe": {"1": _run({"1": 2.15, "2": 2.08}), "3": _run({"1": 2.11, "2": 2.12})}}
-    res = quality.aggregate(runs, steps=10)
-    assert res["smoe"]["seeds"] == [1, 2, 3]
-    assert res["smoe"]["test_bpc"]["1"] == pytest.approx(2.25)
-    assert res["smoe"]["test_bpc_std"]["1"] == pytest.approx(statistics.stdev([2.20, 2.30, 2.25]))
-    assert res["s2moe"]["test_bpc_std"]["2"] == pytest.approx(0.04 / 2 ** 0.5)
-    # paired on the seeds both have (1 and 3), S2MoE k=1 against SMoE k=2
-    pairs = quality.paired(res, "s2moe", "1", "smoe", "2")
-    assert [s for s, _ in pairs] == ["1", "3"]
-    assert [d for _, d in pairs] == pytest.approx([2.15 - 2.10, 2.11 - 2.13])
+def _run(bpc, source="run folder", wall=None, curve=None):
+    return {"test_bpc": bpc, "source": source, "step": 1000,
+            "train": {"train_wall_s": wall, "eval_curve": curve or {}}}
 
 
-def test_one_seed_has_no_std_and_config_seed_keeps_the_old_folder(tmp_path):
-    res = quality.aggregate({"smoe": {"7": _run({"1": 2.0})}}, steps=10)
-    assert res["smoe"]["test_bpc_std"]["1"] is None
-    args = quality.parse_args(["--output", str(tmp_path)])
-    assert quality.run_dir_for(args, "smoe", 1234, 1234) == os.path.join(str(tmp_path), "smoe")
-    assert quality.run_dir_for(args, "smoe", 1235, 1234) == os.path.join(str(tmp_path), "smoe-seed1235")
+def test_paired_differences_by_seed_mark_pairs_across_sources():
+    results = {"a": {"runs": {"1": _run({"1": 2.0}), "2": _run({"1": 2.2}), "3": _run({"1": 2.0})}},
+               "b": {"runs": {"1": _run({"2": 2.1}), "2": _run({"2": 2.1}, source="old.json")}}}
+    pairs = quality_report.paired(results, "a", "1", "b", "2")
+    assert [(s, round(d, 6), c) for s, d, c in pairs] == [("1", -0.1, False), ("2", 0.1, True)]
+    assert quality_report.diff_line(pairs).startswith("+0.0000 ± 0.1414 (by seed: 1: -0.1000, 2*: +0.1000)")
+
+
+def test_bpc_at_wall_interpolates_the_eval_curve():
+    curve = {"250": {"eval/bpc_k1": 3.0}, "500": {"eval/bpc_k1": 2.0}, "1000": {"eval/bpc_k1": 1.0}}
+    run = _run({}, wall=100.0, curve=curve)  # 1000 steps in 100 s: 10 steps/s
+    assert quality_report.bpc_at_wall(run, 37.5, "1") == pytest.approx(2.5)
+    assert quality_report.bpc_at_wall(run, 75.0, "1") == pytest.approx(1.5)
+    assert quality_report.bpc_at_wall(run, 100.0, "1") == pytest.approx(1.0)
+    assert quality_report.bpc_at_wall(run, 120.0, "1") == pytest.approx(1.0)  # finished by then
+    assert quality_report.bpc_at_wall(run, 10.0, "1") is None  # before the first eval

@@ -131,7 +131,8 @@ class S2MoELayer(nn.Module):
                 self.register_load_state_dict_pre_hook(_shard_full_experts)
         self.is_s2moe = cfg.moe_type == "s2moe"
         if self.is_s2moe:
-            self.gate = nn.Linear(cfg.hidden_size, 1)
+            if cfg.gate == "learned":  # gate="fixed": no parameters, g = 0.5
+                self.gate = nn.Linear(cfg.hidden_size, 1)
             self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean, cfg.noise_draws)
         if cfg.use_residual:  # PR-MoE (moe/residual.py); DeepSpeed's parameter names
             if self.tp_plan is not None:
@@ -245,7 +246,7 @@ class S2MoELayer(nn.Module):
         r_clean, r_noisy, idx, w, joint = self._route_two_streams(tokens, T, k)
         dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
         out, counts = self.dispatcher(tokens, idx, w, self.experts, num_dropped=dropped)  # ONE dispatch, both streams
-        g = torch.sigmoid(self.gate(x))
+        g = torch.sigmoid(self.gate(x)) if cfg.gate == "learned" else x.new_full((T, 1), 0.5)
         y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
         if r_noisy is r_clean:

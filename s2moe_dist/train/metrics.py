@@ -16,6 +16,7 @@ TRAIN_TAGS = ("train/loss_total", "train/loss_task", "train/loss_balance", "trai
 EVAL_TAG = "eval/bpc_k{k}"
 LAYER_SCALARS = ("expert_fraction_max_over_mean", "drop_fraction", "gate_mean", "infonce_accuracy", "balance_loss")
 LAYER_HISTOGRAM = "expert_fraction"
+COLLAPSE_SCALARS = ("expert_cosine", "expert_effective_rank")  # moe/collapse.py, logged at every eval
 
 
 def layer_tag(i: int, name: str) -> str:
@@ -30,7 +31,13 @@ def all_tags(eval_k: Sequence[int], moe_blocks: Sequence[int], moe_type: str = "
         for name in LAYER_SCALARS:
             if moe_type == "s2moe" or name not in ("gate_mean", "infonce_accuracy"):
                 tags.append(layer_tag(i, name))
+        tags += [layer_tag(i, name) for name in COLLAPSE_SCALARS]
     return tags
+
+
+def collapse_scalars(stats: Dict[int, Dict[str, float]]) -> Dict[str, float]:
+    """``moe/layer{i}/expert_cosine`` / ``expert_effective_rank`` from ``collapse.collapse_stats``."""
+    return {layer_tag(i, name): v for i, st in stats.items() for name, v in st.items()}
 
 
 def gather_moe_stats(moe_layers, device) -> Dict[int, Dict[str, object]]:

@@ -39,6 +39,8 @@ from .distributed import check_cuda_usable, visible_gpus
 from .ds_config import build_ds_config
 from .evaluate import bpc
 from .metrics import TRAIN_TAGS, Logger, gather_moe_stats
+from .metrics import collapse_scalars
+from ..moe.collapse import collapse_stats, probe_batch
 from .nonfinite import NonFiniteGuard
 from .precision import apply_tf32
 from .signals import SignalFlags
@@ -360,6 +362,8 @@ class Trainer:
                               max_batches=-(-per_rank // bs) if per_rank else None)
         result = bpc(self.model, batches, self.t.eval_k, self.device)
         self.logger.scalars(self.step, {f"eval/bpc_k{k}": v for k, v in result.items()})
+        probe = probe_batch(self.s.corpus.valid, m.seq_len, self.device)  # expert-collapse diagnostics
+        self.logger.scalars(self.step, collapse_scalars(collapse_stats(self.model, self.moe_layers, probe)))
         self.logger.flush()
         self.last_eval = result
         self._say(f"step {self.step}: eval BPC " + "  ".join(f"k={k}: {v:.4f}" for k, v in result.items()))
