@@ -15,7 +15,7 @@ setup(
         # what s2moe-train / s2moe-eval / the quickstart need (the trainer writes TensorBoard logs)
         "train": ["deepspeed>=0.14", "tensorboard"],
         "docs": ["mkdocs>=1.5", "mkdocs-material>=9", "mkdocstrings[python]>=0.24"],
-        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "tensorboard", "matplotlib", "ruff"],
     },
     entry_points={
         "console_scripts": [

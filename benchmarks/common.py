@@ -16,12 +16,12 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
 
-from s2moe_dist.parallel.local_ranks import run_on_local_ranks
+from s2moe_dist.testing.local_ranks import run_on_local_ranks
 from s2moe_dist.train.distributed import free_port  # noqa: F401 (quality.py)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")

@@ -104,7 +104,8 @@ def parse_args(argv=None):
                         f"<base>.<ablation> {sorted(ABLATIONS)} (default: smoe s2moe; with --report-only "
                         "every run folder under --output)")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "quality-tiny.yaml"))
-    p.add_argument("--data", default=DEFAULT_DATA, help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="text8 file (default <repo>/../shared/data/text8-head-12.5M.gz)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's train.steps)")
     p.add_argument("--world", type=int, default=1, help="training ranks (torchrun on this machine)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")

@@ -187,7 +187,8 @@ def ablation_table(results, ks):
             continue
         d = {k: paired(results, name, str(k), base, str(k)) for k in (1, 2)}
         claim = paired(results, name, "1", "smoe", "2")
-        rows.append([f"{q.BASES[base][0]}: {q.ABLATIONS[abl][0]}", " ".join(q.ABLATIONS[abl][1]).replace("model.moe.", ""),
+        knobs = " ".join(q.ABLATIONS[abl][1]).replace("model.moe.", "")
+        rows.append([f"{q.BASES[base][0]}: {q.ABLATIONS[abl][0]}", knobs,
                      len(r["seeds"]), *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
                      *[(f"{mean_std(x for _, x, _ in d[k])[0]:+.4f}" if d[k] else "-") for k in (1, 2)],
                      f"{mean_std(x for _, x, _ in claim)[0]:+.4f}" if claim else "-"])
@@ -274,7 +275,8 @@ def verdict(results) -> list:
     for k in ("1", "2"):
         p = paired(results, "s2moe", k, "smoe", k)
         if p:
-            out.append(f"- S2MoE top-2 minus SMoE top-2 at eval_k={k} (S2MoE with twice the expert rows): {diff_line(p)}")
+            out.append(f"- S2MoE top-2 minus SMoE top-2 at eval_k={k} (S2MoE with twice the expert rows): "
+                       f"{diff_line(p)}")
     fl = {n: results[n].get("flops") for n in ("smoe", "s2moe-top1", "s2moe") if n in results}
     if fl.get("smoe") and fl.get("s2moe-top1"):
         a, b = fl["s2moe-top1"], fl["smoe"]
@@ -383,7 +385,8 @@ def report(args, steps, results, meta) -> str:
         "- cells: mean ± sample standard deviation over seeds (one value: one seed)",
         "", "### Contestants (Figure 1)", "",
         contestant_table(results, ks, ref_wall), "",
-        f"![BPC vs experts at inference]({os.path.relpath(os.path.abspath(args.png), os.path.dirname(common.RESULTS))})",
+        "![BPC vs experts at inference]("
+        f"{os.path.relpath(os.path.abspath(args.png), os.path.dirname(common.RESULTS))})",
         "", "### Paired differences by seed, and the verdict", "", *verdict(results), *reproduction(results, args),
     ]
     abl = ablation_table(results, ks)
@@ -447,7 +450,8 @@ def pending(output: str):
     if not os.path.isdir(output):
         return []
     return sorted(e for e in os.listdir(output)
-                  if os.path.isdir(os.path.join(output, e)) and not os.path.isfile(os.path.join(output, e, "test_eval.json")))
+                  if os.path.isdir(os.path.join(output, e))
+                  and not os.path.isfile(os.path.join(output, e, "test_eval.json")))
 
 
 def main(args, run_cfg, config_steps) -> int:

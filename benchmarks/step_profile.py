@@ -5,9 +5,10 @@
 A TorchDispatchMode times every aten op (process time, one thread) and files it under the part of
 the layer that issued it: forward ops by their source file in ``s2moe_dist/moe/`` (noise, router,
 dispatcher, experts, gate and mix, balance loss, InfoNCE), backward ops by the autograd node that
-created them (anomaly mode, without its NaN checks, records the forward stack of every node). Both layers (the base commit's, imported as ``s2moe_base``
-like ab_layer.py does, and the working tree's) alternate, medians over the repeats. The timer adds
-a few microseconds per op, so parts made of many small ops read a little high.
+created them (anomaly mode, without its NaN checks, records the forward stack of every node).
+Both layers (the base commit's, imported as ``s2moe_base`` like ab_layer.py does, and the working
+tree's) alternate, medians over the repeats. The timer adds a few microseconds per op, so parts
+made of many small ops read a little high.
 """
 from __future__ import annotations
 

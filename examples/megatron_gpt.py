@@ -63,7 +63,8 @@ def main(argv=None):
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")   # as under torchrun
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
-    block = get_s2moe_block_spec(config.num_layers, {"num_experts": 4, "k": 2}, moe_every=2)  # S2MoE in layers 1, 3, ...
+    # S2MoE in layers 1, 3, ...
+    block = get_s2moe_block_spec(config.num_layers, {"num_experts": 4, "k": 2}, moe_every=2)
     model = GPTModel(config, transformer_layer_spec=block, vocab_size=64, max_sequence_length=16)
 
     if not torch.cuda.is_available():

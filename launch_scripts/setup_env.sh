@@ -62,6 +62,7 @@ python -c "import deepspeed" 2>/dev/null || NEED="yes"
 python -c "import megatron.core" 2>/dev/null || NEED="yes"
 python -c "import tensorboard" 2>/dev/null || NEED="yes"
 python -c "import mkdocs, material, mkdocstrings" 2>/dev/null || NEED="yes"
+python -m ruff --version >/dev/null 2>&1 || NEED="yes"
 python -c "import s2moe_dist" 2>/dev/null || NEED="yes"
 if command -v mpicc >/dev/null 2>&1; then python -c "import mpi4py" 2>/dev/null || NEED="yes"; fi
 if [ -n "$NEED" ] || [ "${S2MOE_REINSTALL:-0}" = "1" ]; then

@@ -3,7 +3,7 @@ is allowed, so a bad config fails before any process group or tensor exists."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")

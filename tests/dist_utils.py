@@ -1,5 +1,5 @@
 """Multi-process test harness: real gloo process groups on CPU, free ports, bounded waits.
-The implementation is the package's (``s2moe_dist.parallel.local_ranks``), shared with the
+The implementation is the package's (``s2moe_dist.testing.local_ranks``), shared with the
 benchmarks; the tests keep these names.
 
     results = run_distributed(_body, world_size=2, args=(arg,))   # list, one per rank
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from s2moe_dist.parallel.local_ranks import local_rank_env as dist_env  # noqa: F401
-from s2moe_dist.parallel.local_ranks import run_on_local_ranks
+from s2moe_dist.testing.local_ranks import local_rank_env as dist_env  # noqa: F401
+from s2moe_dist.testing.local_ranks import run_on_local_ranks
 from s2moe_dist.train.distributed import free_port  # noqa: F401
 
 

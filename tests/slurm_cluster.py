@@ -182,8 +182,8 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
     # ---- daemons ------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: List[str], prefix: Optional[List[str]] = None) -> None:
         log = open(os.path.join(self.root, "log", f"{name}.stdout"), "ab")
-        self.procs[name] = subprocess.Popen(list(prefix or []) + cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(list(prefix or []) + cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env, start_new_session=True)
         log.close()
 
     def _wait(self, what: str, ok, timeout: float) -> None:

@@ -65,7 +65,7 @@ def reference_grads(layer, x, seed=7):
     """task + coeff * l_aux + beta * L_u, L_u live (the attached path off): what must be trained."""
     layer.attach_uncertainty_grad = False
     try:
-        return grads(layer, x, lambda y, l, m: task(y) + COEFF * l + m.config.uncertainty_coef * m.uncertainty_loss,
+        return grads(layer, x, lambda y, aux, m: task(y) + COEFF * aux + m.config.uncertainty_coef * m.uncertainty_loss,
                      seed)
     finally:
         layer.attach_uncertainty_grad = True
@@ -110,9 +110,9 @@ def test_client_that_drops_l_aux_still_trains_infonce(x):
     torch.manual_seed(0)
     layer = S2MoE(D, nn.Linear(D, D), num_experts=4, k=1, drop_tokens=False)
     layer.attach_uncertainty_grad = False
-    want = grads(layer, x, lambda y, l, m: task(y) + m.config.uncertainty_coef * m.uncertainty_loss)
+    want = grads(layer, x, lambda y, aux, m: task(y) + m.config.uncertainty_coef * m.uncertainty_loss)
     layer.attach_uncertainty_grad = True
-    got = grads(layer, x, lambda y, l, m: task(y))
+    got = grads(layer, x, lambda y, aux, m: task(y))
     assert_same(got, want)
 
 
@@ -139,17 +139,19 @@ def test_s2moe_aux_loss_and_uncertainty_loss_cannot_double_count(x):
     layer = S2MoE(D, num_experts=4, k=2, ffn_hidden_size=16)
     cfg = layer.config
     layer.attach_uncertainty_grad = False
-    want = grads(layer, x, lambda y, l, m: task(y) + cfg.balance_coef * l + cfg.uncertainty_coef * m.uncertainty_loss)
+    want = grads(layer, x,
+                 lambda y, aux, m: task(y) + cfg.balance_coef * aux + cfg.uncertainty_coef * m.uncertainty_loss)
     layer.attach_uncertainty_grad = True
-    assert_same(grads(layer, x, lambda y, l, m: task(y) + s2moe_aux_loss(m)), want)
+    assert_same(grads(layer, x, lambda y, aux, m: task(y) + s2moe_aux_loss(m)), want)
     # the README's earlier advice (add beta * layer.uncertainty_loss by hand) on top: still once
-    both = grads(layer, x, lambda y, l, m: task(y) + s2moe_aux_loss(m) + cfg.uncertainty_coef * m.uncertainty_loss)
+    both = grads(layer, x, lambda y, aux, m: task(y) + s2moe_aux_loss(m) + cfg.uncertainty_coef * m.uncertainty_loss)
     assert_same(both, want)
     # the logged values are the losses of the forward
     torch.manual_seed(7)
     y, l_aux, _ = layer(x)
     assert float(layer.uncertainty_loss) > 0 and not layer.uncertainty_loss.requires_grad
-    torch.testing.assert_close(s2moe_aux_loss(layer), cfg.balance_coef * l_aux + cfg.uncertainty_coef * layer.uncertainty_loss)
+    torch.testing.assert_close(s2moe_aux_loss(layer),
+                               cfg.balance_coef * l_aux + cfg.uncertainty_coef * layer.uncertainty_loss)
 
 
 def test_explicit_scale_multiplies_only_the_attached_gradient(x):
@@ -158,11 +160,11 @@ def test_explicit_scale_multiplies_only_the_attached_gradient(x):
     layer = S2MoE(D, num_experts=4, k=2, ffn_hidden_size=16)
     beta = layer.config.uncertainty_coef
     layer.attach_uncertainty_grad = False
-    want = grads(layer, x, lambda y, l, m: 0.5 * task(y) + 0.5 * beta * m.uncertainty_loss)
+    want = grads(layer, x, lambda y, aux, m: 0.5 * task(y) + 0.5 * beta * m.uncertainty_loss)
     layer.attach_uncertainty_grad = True
     set_aux_grad_scale(0.5)  # a loop dividing its loss by 2 micro-batches
     try:
-        got = grads(layer, x, lambda y, l, m: 0.5 * task(y))
+        got = grads(layer, x, lambda y, aux, m: 0.5 * task(y))
     finally:
         set_aux_grad_scale(1.0)
     assert_same(got, want)

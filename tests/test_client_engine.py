@@ -68,7 +68,8 @@ def _body(rank, world, empty_dir):
         y, l_aux = ref(micro(i))
         ((task(y) + COEFF * l_aux + ref.moe.config.uncertainty_coef * ref.moe.uncertainty_loss) / GAS).backward()
     got = dict(engine.module.named_parameters())
-    out["gas_errs"] = {n: float((got[n].detach() - (p.detach() - LR * p.grad)).abs().max()) for n, p in ref.named_parameters()}
+    out["gas_errs"] = {n: float((got[n].detach() - (p.detach() - LR * p.grad)).abs().max())
+                       for n, p in ref.named_parameters()}
     out["gas_moved"] = float((got["moe.router.weight"] - ref.moe.router.weight).detach().abs().max())
 
     # empty --load folder (first job)

@@ -38,7 +38,8 @@ def test_random_experts_are_diverse_and_measures_match_a_direct_computation():
     x = torch.randn(64, 16)
     outs = expert_outputs(layer, x)
     # reference: each expert as its own two matmuls, cosines pair by pair, SVD entropy by hand
-    ref = torch.stack([torch.nn.functional.gelu(x @ layer.experts.w1[e]) @ layer.experts.w2[e] for e in range(8)]).detach()
+    ref = torch.stack([torch.nn.functional.gelu(x @ layer.experts.w1[e]) @ layer.experts.w2[e]
+                       for e in range(8)]).detach()
     assert torch.allclose(outs, ref, atol=1e-5)
     cos = [torch.nn.functional.cosine_similarity(ref[i], ref[j], dim=-1).mean().item()
            for i in range(8) for j in range(8) if i != j]
@@ -96,7 +97,8 @@ def test_s2moe_train_logs_the_collapse_tags_at_every_eval(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "s2moe_dist.cli", "train", "--config", os.path.join(ROOT, "configs", "model", "tiny.yaml"),
+    cmd = [sys.executable, "-m", "s2moe_dist.cli", "train",
+           "--config", os.path.join(ROOT, "configs", "model", "tiny.yaml"),
            "--data", DATA, "--output", str(out), "--set", "train.steps=6", "train.eval_every=3", "train.eval_windows=4",
            "train.log_every=3", "train.batch_size=4", "model.seq_len=32", "train.progress=false", "train.ckpt_every=6"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -338,13 +338,13 @@ def test_ranks_disjoint_within_epoch_and_equal_steps():
     T, B, W = 20, 5, 3
     loaders = [ShardedBatches(tokens, T, B, rank=r, world_size=W, seed=1) for r in range(W)]
     steps = loaders[0].steps_in_epoch
-    assert all(l.steps_in_epoch == steps for l in loaders) and steps >= 50
+    assert all(loader.steps_in_epoch == steps for loader in loaders) and steps >= 50
     spans = []
-    for l in loaders:
-        rows = [next(l)[0] for _ in range(steps)]
+    for loader in loaders:
+        rows = [next(loader)[0] for _ in range(steps)]
         starts = [_locate(tokens, r.numpy().astype(np.uint8)) for b in rows for r in b]
         spans.append(set(starts))
-        assert l.epoch == 0 and l.step == steps
+        assert loader.epoch == 0 and loader.step == steps
     for i in range(W):
         for j in range(i + 1, W):
             assert not spans[i] & spans[j]

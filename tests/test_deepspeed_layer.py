@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from deepspeed_tiny_train import TinyMoEModel, batch, ds_config
@@ -32,7 +31,8 @@ def test_has_moe_layers_and_engine_attributes():
     from s2moe_dist import S2MoE
     layer = S2MoE(8, num_experts=4, k=2, ffn_hidden_size=16)
     assert has_moe_layers(nn.Sequential(nn.Linear(8, 8), layer)) == (True, 4)
-    assert (layer.expert_group_name, layer.num_experts, layer.num_local_experts, layer.ep_size) == ("ep_size_1", 4, 4, 1)
+    got = (layer.expert_group_name, layer.num_experts, layer.num_local_experts, layer.ep_size)
+    assert got == ("ep_size_1", 4, 4, 1)
     assert not hasattr(layer, "deepspeed_moe")  # DeepSpeed's gate/experts are never built
     assert len(list(layer.parameters())) == 5
 
@@ -155,7 +155,8 @@ def test_shipped_configs_validate_and_use_no_deepspeed_optimizer():
      r"zero_optimization.contiguous_gradients=False is invalid: DeepSpeed's ZeRO stage 2 supports MoE only with"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
      r"ds_config.zero_force_ds_cpu_optimizer=True is invalid: optimizer offload with a torch optimizer needs"),
-    ({"train_micro_batch_size_per_gpu": 0}, r"ds_config.train_micro_batch_size_per_gpu=0 is invalid: must be an integer >= 1"),
+    ({"train_micro_batch_size_per_gpu": 0},
+     r"ds_config.train_micro_batch_size_per_gpu=0 is invalid: must be an integer >= 1"),
     ({"gradient_clipping": -1.0}, r"ds_config.gradient_clipping=-1.0 is invalid"),
 ])
 def test_validate_deepspeed_config_errors(patch, match):

@@ -10,7 +10,7 @@ from torch import nn
 
 from s2moe_dist import S2MoE, S2MoEConfig, S2MoELayer, s2moe_aux_loss
 from s2moe_dist.moe.experts import ExpertBank
-from test_layer_reference import make_layer, ref_routing, ref_smoe
+from reference import make_layer, ref_routing, ref_smoe
 
 DEEPSPEED_KWARGS = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
                     "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts", "use_tutel",
@@ -41,7 +41,8 @@ def test_every_deepspeed_moe_keyword_in_deepspeed_order(cls):
     expert = nn.Linear(8, 8)
     # DeepSpeed's own defaults (drop_tokens, use_rts, top2_2nd_expert_sampling all True), k=1 as
     # Megatron-DeepSpeed passes them: accepted, nothing that raises among them.
-    defaults = {n: p.default for n, p in deepspeed_moe_signature().items() if n not in ("self", "hidden_size", "expert")}
+    defaults = {n: p.default for n, p in deepspeed_moe_signature().items()
+                if n not in ("self", "hidden_size", "expert")}
     layer = cls(8, expert, **{**defaults, "num_experts": 4})
     for name, value in defaults.items():
         if name != "num_experts":

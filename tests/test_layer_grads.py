@@ -1,32 +1,12 @@
 """Training-mode gradients of the S2MoE layer: every parameter learns, gradients equal those of
-the independent reference (test_layer_reference.py), and the noise statistics are constants."""
-import math
-
+the independent reference (tests/reference.py), and the noise statistics are constants."""
 import pytest
 import torch
 from torch import nn
 
 from s2moe_dist import S2MoELayer as S2MoE, s2moe_aux_loss  # the pure PyTorch layer
 from s2moe_dist.moe.noise import GaussianNoise
-from test_layer_reference import ALIGNED, ODD, capture_noise, make_layer, ref_gate, ref_smoe
-
-
-def ref_balance(probs, top, E):
-    """Switch loss E * sum_e f_e P_e; f_e = share of routed slots (constant), P_e = mean prob."""
-    f = torch.tensor([float((top == e).sum()) / top.numel() for e in range(E)])
-    return E * sum(f[e] * probs[:, e].mean() for e in range(E))
-
-
-def ref_infonce(z, z_hat, tau):
-    """-1/N sum_i log softmax_j(cos(z_i, z_hat_j) / tau)[i], written as loops."""
-    n = z.shape[0]
-    zn = [z[i] / z[i].norm() for i in range(n)]
-    hn = [z_hat[j] / z_hat[j].norm() for j in range(n)]
-    total = 0.0
-    for i in range(n):
-        s = torch.stack([zn[i] @ hn[j] / tau for j in range(n)])
-        total = total - (s[i] - torch.logsumexp(s, 0))
-    return total / n
+from reference import ALIGNED, ODD, capture_noise, make_layer, ref_balance, ref_gate, ref_infonce, ref_smoe
 
 
 @pytest.mark.parametrize("activation,bias,shape", [("relu", False, ODD), ("gelu", True, ALIGNED),

@@ -1,109 +1,13 @@
-"""S2MoE layer output against an independent plain-PyTorch top-k MoE written here.
-
-The reference (``ref_*`` functions, also imported by the other test_layer_* files) reads only the
-layer's documented parameters (router.weight [E,d], experts.w1 [E,d,h|2h], experts.w2 [E,h,d],
-experts.b1/b2, gate.weight/bias) and loops over tokens and chosen experts: no sorting, no
-grouped_mm, no code shared with s2moe_dist.
-"""
+"""S2MoE layer output against an independent plain-PyTorch top-k MoE (tests/reference.py)."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from reference import (ALIGNED, ODD, capture_noise, make_layer, ref_act, ref_bank_expert, ref_gate, ref_routing,
+                       ref_smoe)
 from s2moe_dist import S2MoE, S2MoELayer
-
-ODD = dict(d=7, h=5, E=5, T=23)       # not 16-byte aligned: the expert bank's per-expert fallback
-ALIGNED = dict(d=8, h=12, E=4, T=32)  # aligned: the grouped_mm path
-
-
-# ---- the reference --------------------------------------------------------------------------
-def ref_act(h, activation):
-    if activation == "relu":
-        return torch.where(h > 0, h, torch.zeros_like(h))
-    if activation == "gelu":
-        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-    if activation == "swiglu":  # w1 columns: gate half, then up half
-        a, b = h.chunk(2, dim=-1)
-        return a * torch.sigmoid(a) * b
-    raise AssertionError(activation)
-
-
-def ref_bank_expert(layer):
-    """Expert e of the built-in bank as a function of one token: W2 act(W1 x + b1) + b2."""
-    bank, act = layer.experts, layer.config.activation
-
-    def expert(e, xt):
-        h = xt @ bank.w1[e]
-        if bank.b1 is not None:
-            h = h + bank.b1[e]
-        y = ref_act(h, act) @ bank.w2[e]
-        return y + bank.b2[e] if bank.b2 is not None else y
-    return expert
-
-
-def ref_routing(x, router_weight, k, renormalize, capacity=None):
-    """Per token: list of (expert, combine weight). Capacity drops as DeepSpeed's gates: every
-    first choice before any second choice, token order within a choice."""
-    probs = torch.softmax(x.float() @ router_weight.float().t(), dim=-1)
-    top = torch.topk(probs, k, dim=-1).indices
-    keep = [[True] * k for _ in range(x.shape[0])]
-    dropped = 0
-    if capacity is not None:
-        used = {}
-        for j in range(k):
-            for t in range(x.shape[0]):
-                e = int(top[t, j])
-                if used.get(e, 0) < capacity:
-                    used[e] = used.get(e, 0) + 1
-                else:
-                    keep[t][j] = False
-                    dropped += 1
-    routes = []
-    for t in range(x.shape[0]):
-        kept = [(int(top[t, j]), probs[t, top[t, j]]) for j in range(k) if keep[t][j]]
-        if renormalize and kept:
-            s = sum(p for _, p in kept)
-            kept = [(e, p / s) for e, p in kept]
-        routes.append(kept)
-    return routes, probs, top, dropped
-
-
-def ref_smoe(x, layer, k, expert=None, capacity=None):
-    """SMoE(x)_t = sum over kept top-k experts e of w_te * Expert_e(x_t)."""
-    expert = expert or ref_bank_expert(layer)
-    renorm = layer.config.k >= 2  # the training k decides, also at another eval_k
-    routes, probs, top, dropped = ref_routing(x, layer.router.weight, k, renorm, capacity)
-    rows = []
-    for t, kept in enumerate(routes):
-        y = torch.zeros(x.shape[1], dtype=torch.float32)
-        for e, w in kept:
-            y = y + w * expert(e, x[t])
-        rows.append(y)
-    return torch.stack(rows), probs, top, dropped
-
-
-def ref_gate(layer, x):
-    return torch.sigmoid(x @ layer.gate.weight.t() + layer.gate.bias)
-
-
-def capture_noise(layer):
-    """Record x_hat of each forward (a hook, no change to the layer). The layer asks the noise
-    module for both streams stacked, [x; x_hat] (2T rows): x_hat is the rows after the input's T."""
-    seen = []
-
-    def hook(module, args, out):
-        T = args[0].shape[0]
-        seen.append((out[T:] if out.shape[0] == 2 * T else out).detach().clone())
-    layer.noise.register_forward_hook(hook)
-    return seen
-
-
-def make_layer(seed=0, cls=None, **kw):
-    """The pure PyTorch layer by default (the public ``S2MoE`` is its DeepSpeed-facing subclass
-    when DeepSpeed is installed)."""
-    torch.manual_seed(seed)
-    return (cls or S2MoELayer)(**kw)
 
 
 # ---- the tests ------------------------------------------------------------------------------

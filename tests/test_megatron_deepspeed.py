@@ -13,7 +13,7 @@ import torch
 
 from deepspeed_tiny_train import TinyMoEModel, batch, ds_config
 from dist_utils import run_distributed
-from test_tensor_parallel import _shard_cols, _shard_rows
+from reference import shard_cols, shard_rows
 
 LR = 0.5
 CASES = [(0, 0.05), (1, 0.05)]  # (ZeRO stage, gradient clipping): 0.05 < the grad norm, clipping acts
@@ -30,8 +30,8 @@ def _expected(name, value, layer, tp_rank):
     value = value[layer.first_expert:layer.first_expert + layer.num_local_experts]
     kind = name.rsplit(".", 1)[1]
     if kind in ("w1", "b1"):
-        return _shard_cols(value, tp_rank, 2, swiglu=True)
-    return _shard_rows(value, tp_rank, 2) if kind == "w2" else value
+        return shard_cols(value, tp_rank, 2, swiglu=True)
+    return shard_rows(value, tp_rank, 2) if kind == "w2" else value
 
 
 def _body(rank, world):

@@ -74,9 +74,9 @@ x = torch.randn(16, 8)
 out, moe_loss = layer(x)
 (out.sum() + 0.02 * moe_loss).backward()
 cfg = moe.config
-print("RESULT " + json.dumps({"cls": type(moe).__name__, "is_ds_moe": isinstance(moe, MoE), "beta": cfg.uncertainty_coef,
-    "alpha": cfg.balance_coef, "policy": cfg.noisy_gate_policy, "k": cfg.k, "E": cfg.num_experts,
-    "drop": cfg.drop_tokens, "grad": float(moe.router.weight.grad.abs().sum()),
+print("RESULT " + json.dumps({"cls": type(moe).__name__, "is_ds_moe": isinstance(moe, MoE),
+    "beta": cfg.uncertainty_coef, "alpha": cfg.balance_coef, "policy": cfg.noisy_gate_policy, "k": cfg.k,
+    "E": cfg.num_experts, "drop": cfg.drop_tokens, "grad": float(moe.router.weight.grad.abs().sum()),
     "infonce": float(moe.uncertainty_loss)}))
 """
 

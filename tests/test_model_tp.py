@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_train import ROOT, TINY, Ranks, losses, metrics
+from train_ranks import ROOT, TINY, Ranks, losses, metrics
 
 ZERO1 = os.path.join(ROOT, "configs", "deepspeed", "zero1_fp32.json")
 STEPS = 5

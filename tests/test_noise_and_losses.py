@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from s2moe_dist import S2MoELayer as S2MoE  # the pure PyTorch layer
 from s2moe_dist.moe.losses import balance_loss, infonce_loss, infonce_loss_stacked, sample_token_rows
 from s2moe_dist.moe.noise import GaussianNoise
-from test_layer_grads import ref_balance, ref_infonce
+from reference import ref_balance, ref_infonce
 
 
 # ---- noise moments --------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_balance_loss_is_one_when_perfectly_balanced():
 
 
 def test_layer_l_aux_is_mean_of_the_two_streams():
-    from test_layer_reference import capture_noise, make_layer, ref_smoe
+    from reference import capture_noise, make_layer, ref_smoe
     layer = make_layer(hidden_size=8, num_experts=4, k=2, ffn_hidden_size=8)
     seen = capture_noise(layer)
     x = torch.randn(30, 8)

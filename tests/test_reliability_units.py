@@ -7,7 +7,6 @@ import json
 import os
 import time
 
-import pytest
 
 from dist_utils import run_distributed
 from s2moe_dist.train import checkpoint as ckpt
@@ -47,7 +46,8 @@ def test_manifest_detects_truncated_corrupted_and_missing_files(tmp_path):
     data[1234] ^= 1
     model.write_bytes(bytes(data))
     assert ckpt.verify(str(tmp_path), "global_step10", checksums=False) is None  # same size
-    assert ckpt.verify(str(tmp_path), "global_step10") == "mp_rank_00_model_states.pt does not match its sha256 checksum"
+    assert ckpt.verify(str(tmp_path), "global_step10") == \
+        "mp_rank_00_model_states.pt does not match its sha256 checksum"
     model.write_bytes(files["mp_rank_00_model_states.pt"][:4096])
     assert ckpt.verify(str(tmp_path), "global_step10", checksums=False) == \
         "mp_rank_00_model_states.pt has 4096 bytes, the manifest says 5000"

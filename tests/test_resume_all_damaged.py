@@ -13,8 +13,9 @@ SETTINGS = ["train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=0", "
 
 
 def _train(out, *extra):
-    cmd = [sys.executable, "-m", "s2moe_dist.cli", "train", "--config", os.path.join(ROOT, "configs", "model", "tiny.yaml"),
-           "--output", str(out), *extra, "--set", *SETTINGS]
+    cmd = [sys.executable, "-m", "s2moe_dist.cli", "train",
+           "--config", os.path.join(ROOT, "configs", "model", "tiny.yaml"), "--output", str(out),
+           *extra, "--set", *SETTINGS]
     return subprocess.run(cmd, cwd=ROOT, env=single_process_env(), capture_output=True, text=True, timeout=300)
 
 

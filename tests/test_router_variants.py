@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from s2moe_dist import S2MoEConfig
 from s2moe_dist.moe.layer import S2MoELayer

@@ -8,8 +8,9 @@ every rank:
   input gradient (full on every TP rank, as Megatron expects of a replicated activation);
 - router/gate gradients equal the reference after a sum over DP (each DP rank saw its tokens);
 - expert gradients equal the reference slice after a sum over the expert-data-parallel group.
-TP and DP groups are laid out as Megatron's parallel_state makes them. One 4-rank spawn covers TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP
-(enable_expert_tensor_parallelism) and whole, k=1/2, train/eval, dropless/capacity, gelu/swiglu+bias.
+TP and DP groups are laid out as Megatron's parallel_state makes them. One 4-rank spawn covers
+TP=2xEP=2, TP=1xEP=2, TP=2xEP=1 and TP=4xEP=1, experts split over TP (enable_expert_tensor_parallelism)
+and whole, k=1/2, train/eval, dropless/capacity, gelu/swiglu+bias.
 """
 import itertools
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from reference import shard_cols, shard_rows
 
 D, E, H, T = 16, 8, 32, 23  # T odd: uneven TP splits in eval (one stream)
 TOPOLOGIES = [(2, 2), (1, 2), (2, 1), (4, 1)]  # (tp, ep) on 4 ranks
@@ -27,20 +29,6 @@ VARIANTS = [("train", False, "gelu", False), ("train", True, "swiglu", True),
 
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def _shard_cols(w, t, tp, swiglu):
-    """Columns of TP rank t in w1/b1 (last dim), written independently of s2moe_dist.moe.tp_shards."""
-    if tp == 1:
-        return w
-    if swiglu:
-        gate, up = w.chunk(2, dim=-1)
-        return torch.cat([gate.chunk(tp, dim=-1)[t], up.chunk(tp, dim=-1)[t]], dim=-1)
-    return w.chunk(tp, dim=-1)[t]
-
-
-def _shard_rows(w, t, tp):
-    return w.chunk(tp, dim=-2)[t] if tp > 1 else w
 
 
 def _expert_data_parallel_group(layer, ep):
@@ -72,10 +60,10 @@ def _build(tp, ep, shard, k, drop, activation, bias):
         layer.router.weight.copy_(ref.router.weight)
         layer.gate.weight.copy_(ref.gate.weight)
         layer.gate.bias.copy_(ref.gate.bias)
-        layer.experts.w1.copy_(_shard_cols(ref.experts.w1[e0:e0 + el], t, n, sw))
-        layer.experts.w2.copy_(_shard_rows(ref.experts.w2[e0:e0 + el], t, n))
+        layer.experts.w1.copy_(shard_cols(ref.experts.w1[e0:e0 + el], t, n, sw))
+        layer.experts.w2.copy_(shard_rows(ref.experts.w2[e0:e0 + el], t, n))
         if bias:
-            layer.experts.b1.copy_(_shard_cols(ref.experts.b1[e0:e0 + el], t, n, sw))
+            layer.experts.b1.copy_(shard_cols(ref.experts.b1[e0:e0 + el], t, n, sw))
             layer.experts.b2.copy_(ref.experts.b2[e0:e0 + el])
     return ref, layer, (t, n, e0, el, sw)
 
@@ -114,10 +102,10 @@ def _compare(tp, ep, shard, k, drop, activation, bias, train, dp_group):
         dist.all_reduce(g, group=dp_group)
         errs["grad_" + name] = _rel(g, p_ref.grad)
     edp = _expert_data_parallel_group(layer, ep)
-    expected = {"w1": _shard_cols(ref.experts.w1.grad[e0:e0 + el], t, n, sw),
-                "w2": _shard_rows(ref.experts.w2.grad[e0:e0 + el], t, n)}
+    expected = {"w1": shard_cols(ref.experts.w1.grad[e0:e0 + el], t, n, sw),
+                "w2": shard_rows(ref.experts.w2.grad[e0:e0 + el], t, n)}
     if bias:
-        expected["b1"] = _shard_cols(ref.experts.b1.grad[e0:e0 + el], t, n, sw)
+        expected["b1"] = shard_cols(ref.experts.b1.grad[e0:e0 + el], t, n, sw)
         expected["b2"] = ref.experts.b2.grad[e0:e0 + el]
     for name, g_ref in expected.items():
         g = getattr(layer.experts, name).grad.clone()
@@ -165,9 +153,9 @@ def _full_checkpoint_loads(tp):
     layer = S2MoELayer(enable_expert_tensor_parallelism=True, **kw)
     layer.load_state_dict(full.state_dict())
     t = dist.get_rank(group)
-    return {"w1": _rel(layer.experts.w1, _shard_cols(full.experts.w1, t, tp, True)),
-            "b1": _rel(layer.experts.b1, _shard_cols(full.experts.b1, t, tp, True)),
-            "w2": _rel(layer.experts.w2, _shard_rows(full.experts.w2, t, tp)),
+    return {"w1": _rel(layer.experts.w1, shard_cols(full.experts.w1, t, tp, True)),
+            "b1": _rel(layer.experts.b1, shard_cols(full.experts.b1, t, tp, True)),
+            "w2": _rel(layer.experts.w2, shard_rows(full.experts.w2, t, tp)),
             "b2": _rel(layer.experts.b2, full.experts.b2)}
 
 

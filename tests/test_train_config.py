@@ -29,7 +29,8 @@ def test_shipped_configs_load():
 @pytest.mark.parametrize("override,message", [
     ("train.steps=0", "train.steps=0 is invalid: must be an integer >= 1"),
     ("train.lr_schedule=step", "train.lr_schedule='step' is invalid: must be one of ['cosine', 'linear', 'constant']"),
-    ("train.eval_k=[1,9]", "train.eval_k=[1, 9] is invalid: each value must be in [1, model.moe.num_experts=8]; drop [9]"),
+    ("train.eval_k=[1,9]",
+     "train.eval_k=[1, 9] is invalid: each value must be in [1, model.moe.num_experts=8]; drop [9]"),
     ("train.stpes=3", "train: unknown field(s) ['stpes']"),
     ("model.moe.k=0", "model.moe.k=0 is invalid: must be an integer >= 1"),
     ("model.moe.moe_type=xmoe", "model.moe.moe_type='xmoe' is invalid"),

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from test_train import ROOT, Ranks
+from train_ranks import ROOT, Ranks
 
 TEXT8 = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "text8-head-12.5M.gz"))
 ZERO1 = os.path.join(ROOT, "configs", "deepspeed", "zero1_fp32.json")

@@ -180,7 +180,8 @@ def test_torchrun_two_hosts_equal_one_host_survive_a_sigkill_and_resume(hosts, o
     assert f"resumed from {out}/checkpoints/global_step10 at step 10" in resumed[0].text()
     got = losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
-    assert all(got[s] == ref_losses[s] for s in got), [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
+    assert all(got[s] == ref_losses[s] for s in got), \
+        [(s, got[s], ref_losses[s]) for s in got if got[s] != ref_losses[s]]
 
     # a SIGTERM during start-up says where a restart continues (not just "step 0")
     early = Node(hosts[0], str(tmp_path / "early.log"), out, 1, 0, "127.0.0.1", port(), nproc=2, resume=True,

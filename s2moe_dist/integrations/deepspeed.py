@@ -157,8 +157,7 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
                     self.ep_size, mpu=ds_groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         group = ds_groups._get_expert_parallel_group(self.expert_group_name)
         # the D+E topology (use_data_before_expert_parallel_) orders EP ranks differently
-        self.ep_rank = ds_groups._get_expert_parallel_rank(self.expert_group_name)
-        self.first_expert = self.ep_rank * self.num_local_experts
+        self.set_expert_parallel_rank(ds_groups._get_expert_parallel_rank(self.expert_group_name))
         if self.ep_size > 1 and (self._dispatcher is None
                                  or type(self._dispatcher) in (AllToAllDispatcher, TensorParallelDispatcher)):
             self.set_dispatcher(self.dispatcher_for(group))  # wrapped for Megatron TP if the layer is TP

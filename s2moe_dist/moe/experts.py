@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,19 +139,21 @@ class ExpertBank(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_local_experts, hidden_size)) if bias else None
         self.reset_parameters(first_expert)
 
-    def reset_parameters(self, first_expert: int = 0) -> None:
+    def reset_parameters(self, first_expert: int = 0, seed: Optional[int] = None) -> None:
         """nn.Linear-style uniform init, one generator per GLOBAL expert id, seeded from the
-        default RNG: the same experts come out whatever the expert- and tensor-parallel sizes
-        (the full expert is drawn, then this TP rank's shard kept)."""
+        default RNG (or ``seed``): the same experts come out whatever the expert- and
+        tensor-parallel sizes (the full expert is drawn, then this TP rank's shard kept)."""
         from .tp_shards import shard_tensor
+        self.first_expert = first_expert
         if self.w1.is_meta:  # deferred initialisation: nothing to fill (to_empty(), then call again)
             return
         # drawn on the CPU from CPU generators whatever the default device (a CUDA default device
         # would otherwise meet a CPU generator), then copied: the same values on every device
-        base = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        base = int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else seed
         d, h = self.w2.shape[2], self.ffn_hidden_size
         width = 2 * h if self.activation == "swiglu" else h
-        shard = (lambda name, w: shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu"))
+        def shard(name, w):  # this TP rank's slice of a full expert matrix
+            return shard_tensor(name, w, self.tp_rank, self.tp_size, self.activation == "swiglu")
         with torch.no_grad():
             for i in range(self.num_local_experts):
                 g = torch.Generator(device="cpu").manual_seed(base + first_expert + i)
@@ -159,6 +161,29 @@ class ExpertBank(nn.Module):
                 w2 = torch.empty(h, d, device="cpu").uniform_(-1 / math.sqrt(h), 1 / math.sqrt(h), generator=g)
                 self.w1[i].copy_(shard("w1", w1))
                 self.w2[i].copy_(shard("w2", w2))
+        self.seed, self._drawn_versions = base, self._versions()
+
+    def _versions(self) -> Tuple[int, ...]:
+        return tuple(p._version for p in self.parameters())  # bumped by every in-place write
+
+    def move_to_experts(self, first_expert: int) -> None:
+        """Hold global experts ``[first_expert, first_expert + E_local)`` instead: drawn from the
+        same seed, so they are the experts a layer built with these ids would hold. Refused once
+        the weights changed since they were drawn (a load or an optimizer step would be lost)."""
+        if first_expert == self.first_expert:
+            return
+        if self.w1.is_meta or getattr(self, "_drawn_versions", None) is None:  # never drawn: nothing to redo
+            self.first_expert = first_expert
+            return
+        if self._versions() != self._drawn_versions:
+            last = self.first_expert + self.num_local_experts
+            raise RuntimeError(
+                f"ExpertBank: this rank's experts {self.first_expert}..{last - 1} changed since they were drawn "
+                f"(load_state_dict or an optimizer step), so they cannot become experts {first_expert}.."
+                f"{first_expert + self.num_local_experts - 1}, the ones DeepSpeed places on this rank "
+                "(use_data_before_expert_parallelism orders expert-parallel ranks otherwise than rank % ep_size): "
+                "load checkpoints after deepspeed.initialize (engine.load_checkpoint)")
+        self.reset_parameters(first_expert, seed=self.seed)
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":

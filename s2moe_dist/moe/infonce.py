@@ -12,7 +12,6 @@ is a kernel launch on a GPU), one [S, S] buffer in the backward instead of four,
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -147,6 +147,16 @@ class S2MoELayer(nn.Module):
         self.uncertainty_loss = torch.zeros(())
         self.last_stats: Dict[str, Any] = {}
 
+    def set_expert_parallel_rank(self, ep_rank: int) -> None:
+        """Hold the experts of expert-parallel rank ``ep_rank``. DeepSpeed's D+E layout
+        (use_data_before_expert_parallelism) places ranks otherwise than ``rank % ep_size``, which
+        the layer assumed when it was built: the built-in bank is redrawn for the new global ids
+        from the same seed, so the same seed still gives the same experts whatever the layout."""
+        self.ep_rank = ep_rank
+        self.first_expert = ep_rank * self.num_local_experts
+        if isinstance(self.experts, ExpertBank):
+            self.experts.move_to_experts(self.first_expert)
+
     # ---- dispatch -------------------------------------------------------------------------
     @property
     def dispatcher(self):

@@ -30,10 +30,6 @@ class Routing:
         """No capacity applied: every slot is dispatched (decided without a host sync)."""
         return not torch.is_tensor(self.num_dropped) and self.num_dropped == 0
 
-    @property
-    def drop_fraction(self) -> Union[float, torch.Tensor]:
-        return self.num_dropped / max(1, self.expert_idx.numel())
-
     def rows(self, start: int, end: int) -> "Routing":
         """The routing of tokens [start, end) of a dropless routing (capacity couples the rows)."""
         if not self.dropless:
@@ -59,7 +55,8 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
     return max(int(math.ceil(num_tokens * k / num_experts * capacity_factor)), int(min_capacity))
 
 
-def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, cap: int, random_first: bool = False) -> torch.Tensor:
+def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, cap: int,
+                       random_first: bool = False) -> torch.Tensor:
     """[T, k] bool: which slots fit in their expert's capacity.
 
     Priority as DeepSpeed's top-2 gate: every first choice before any second choice, token order

@@ -4,7 +4,7 @@ Backward is the same exchange with the splits swapped, so a gradient takes the r
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist

@@ -59,8 +59,3 @@ def get_expert_parallel_group(ep_size: int):
 
 def get_expert_data_parallel_group(ep_size: int):
     return get_expert_groups(ep_size)[1]
-
-
-def reset_groups() -> None:
-    """Forget cached groups (after destroy_process_group, e.g. between tests)."""
-    _GROUPS.clear()

@@ -41,11 +41,6 @@ def get_tensor_parallel_group():
     return _TP_GROUP
 
 
-def tensor_parallel_size(group=None) -> int:
-    group = _TP_GROUP if group is None else group
-    return 1 if group is None else dist.get_world_size(group)
-
-
 def get_expert_tp_groups(ep_size: int, tp_size: int):
     """(EP group, EDP group) of this rank in the E+M+D layout; made on first call, on every rank
     (``new_group`` is collective: every rank creates every group, in one order)."""
@@ -54,10 +49,3 @@ def get_expert_tp_groups(ep_size: int, tp_size: int):
         ep_ranks, edp_ranks = expert_tp_ranks(dist.get_world_size(), tp_size, ep_size)
         _EXPERT_TP_GROUPS[key] = (new_group_of_this_rank(ep_ranks), new_group_of_this_rank(edp_ranks))
     return _EXPERT_TP_GROUPS[key]
-
-
-def reset_tensor_parallel() -> None:
-    """Forget the TP group and cached groups (after destroy_process_group, e.g. between tests)."""
-    global _TP_GROUP
-    _TP_GROUP = None
-    _EXPERT_TP_GROUPS.clear()

@@ -23,7 +23,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 ENV = "S2MOE_FAULTS"
 
@@ -55,11 +55,6 @@ def parse(spec: str) -> List[Fault]:
 
 
 _FAULTS: List[Fault] = parse(os.environ.get(ENV, ""))
-
-
-def reload() -> None:
-    global _FAULTS
-    _FAULTS = parse(os.environ.get(ENV, ""))
 
 
 def active() -> bool:
@@ -206,7 +201,3 @@ class CheckpointWriteFaults:
         if restore:
             restore()
         return False
-
-
-def stats() -> Dict[str, int]:  # for the log line at start
-    return {f.kind: f.step for f in _FAULTS}
