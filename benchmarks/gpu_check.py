@@ -292,7 +292,7 @@ def check_collectives(ctx: Ctx, r: Result) -> None:
 
 
 def check_ep(ctx: Ctx, r: Result) -> None:
-    from s2moe_dist.parallel.local_ranks import run_on_local_ranks
+    from s2moe_dist.testing.local_ranks import run_on_local_ranks
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     modes = [gp.Mode("s2moe", 2, True, False, dtype), gp.Mode("s2moe", 1, True, True, dtype),
              gp.Mode("smoe", 2, False, False, dtype)]

@@ -218,9 +218,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         return _fail("s2moe-eval", e)
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from .train.distributed import destroy_process_group
+        destroy_process_group()
     if args.json:
         print(json.dumps(out))
     else:

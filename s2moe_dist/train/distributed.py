@@ -361,3 +361,20 @@ def init_model_parallel(tp_size: int) -> ParallelLayout:
     set_linear_factory(MegatronLinearFactory())
     return ParallelLayout(tp_size, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_world_size(),
                           ps.get_data_parallel_rank(), megatron_mpu())
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group and, when DeepSpeed is loaded, its cached groups too
+    (``deepspeed.comm`` releases them): a later group in the same process (a second
+    ``s2moe-eval`` call from Python) would otherwise reuse DeepSpeed's groups of the dead one."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
