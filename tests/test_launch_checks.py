@@ -113,7 +113,7 @@ def test_bad_rendezvous_and_gpus_without_cuda_fail_at_start_up_naming_the_fix(tm
     (stub / "nvidia-smi").chmod(0o755)
     rank1 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     runs = {
-        "unresolved": _train({**rank1, "MASTER_ADDR": "nosuchnode-s2moe.invalid", "MASTER_PORT": "29500"},
+        "unresolved": _train({**rank1, "MASTER_ADDR": "nosuchnode-s2moe.invalid", "MASTER_PORT": str(dead_port)},
                              tmp_path, "unresolved"),
         "unreachable": _train({**rank1, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(dead_port)},
                               tmp_path, "unreachable"),
