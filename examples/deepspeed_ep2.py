@@ -47,3 +47,4 @@ def main():
 if __name__ == "__main__":
     sys.argv = sys.argv[:1]  # the deepspeed launcher appends --local_rank=N; LOCAL_RANK says the same
     main()
+    deepspeed.comm.destroy_process_group()  # a rank exiting with live gloo threads can abort (SIGABRT)
