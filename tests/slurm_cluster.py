@@ -47,21 +47,8 @@ def missing_tools() -> List[str]:
 
 def ensure_installed(timeout: float = 600) -> Optional[str]:
     """Install Debian's slurm-wlm + munge when missing. Returns None when ready, else why not."""
-    if not missing_tools():
-        return None
-    if os.geteuid() != 0:
-        return f"Slurm is not installed ({missing_tools()} missing) and installing it needs root"
-    if shutil.which("apt-get") is None:
-        return f"Slurm is not installed ({missing_tools()} missing) and there is no apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"{' '.join(cmd)} failed: {e}"
-        if out.returncode != 0:
-            return f"{' '.join(cmd)} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}"
-    return None if not missing_tools() else f"still missing after apt-get install: {missing_tools()}"
+    from netns_hosts import ensure_packages  # the one apt-get helper of the test clusters
+    return ensure_packages(TOOLS, ("slurm-wlm", "munge"), timeout=timeout)
 
 
 def _sbin(name: str) -> str:
