@@ -11,6 +11,7 @@ Contestants, all fp32, gelu experts of the same hidden size, timed interleaved i
     s2moe_top1/top2  S2MoE (ours): both streams routed, fused, dispatched once; dropless
     smoe_top2        our layer as a plain top-2 MoE (moe_type smoe): our dispatcher at DeepSpeed's work
     s2moe_top1_no_noise (--ablation) S2MoE top-1 with a=b=0: what the noise module costs
+    s2moe_top1_one_draw (--ablation) S2MoE top-1 with noise_draws=1 (one Gaussian draw per element)
     naive_top1/top2  S2MoE done naively: two calls of DeepSpeed's MoE (clean, noisy input; its
                      defaults) mixed by the same sigmoid gate, same noise and InfoNCE as ours
   inference (eval, no_grad)
@@ -76,10 +77,10 @@ class NaiveS2MoE(nn.Module):
         return y, 0.5 * (l_clean + l_noisy), None
 
 
-def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe", noise=1.0):
+def s2moe(d, h, E, world, k, eval_k=None, moe_type="s2moe", noise=1.0, noise_draws=2):
     from s2moe_dist import S2MoE
     return S2MoE(d, num_experts=E, k=k, ffn_hidden_size=h, ep_size=world, activation="gelu",
-                 eval_k=eval_k, moe_type=moe_type, noise_mult_std=noise, noise_add_std=noise,
+                 eval_k=eval_k, moe_type=moe_type, noise_mult_std=noise, noise_add_std=noise, noise_draws=noise_draws,
                  infonce_temperature=INFONCE_TAU, infonce_max_tokens=INFONCE_TOKENS,
                  balance_coef=BALANCE_COEF, uncertainty_coef=UNCERTAINTY_COEF)
 
@@ -189,6 +190,7 @@ def _bench(rank, world, opts):
     }
     if opts["ablation"]:  # s2moe_top1 minus this = the noise module's cost
         layers["s2moe_top1_no_noise"] = s2moe(d, h, E, world, 1, noise=0.0)
+        layers["s2moe_top1_one_draw"] = s2moe(d, h, E, world, 1, noise_draws=1)  # same x_hat law, half the RNG
     if opts["naive_top2"]:  # 4T expert rows per rank: doubles the run's time
         layers["naive_top2"] = NaiveS2MoE(ds_moe(d, h, E, world, 2, True), d)
     infer_layers = {"ds_top2": layers["ds_top2"], "s2moe_eval_k1": s2moe(d, h, E, world, 2, eval_k=1),
@@ -199,7 +201,7 @@ def _bench(rank, world, opts):
 
     # slots per rank each contestant's experts process (T tokens per rank, balanced routing)
     train_slots = {"ds_top2": 2 * T, "ds_top2_dropless": 2 * T, "s2moe_top1": 2 * T, "s2moe_top2": 4 * T,
-                   "smoe_top2": 2 * T, "s2moe_top1_no_noise": 2 * T, "naive_top1": 2 * T, "naive_top2": 4 * T}
+                   "smoe_top2": 2 * T, "s2moe_top1_no_noise": 2 * T, "s2moe_top1_one_draw": 2 * T, "naive_top1": 2 * T, "naive_top2": 4 * T}
     infer_slots = {"ds_top2": 2 * T, "s2moe_eval_k1": T, "s2moe_eval_k2": 2 * T}
     modes = {
         "train": ({n: train_step(m.train(), x, grad_out) for n, m in layers.items()},

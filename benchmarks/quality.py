@@ -14,7 +14,7 @@ Contestants (``--models``): a base, optionally ``<base>.<ablation>`` for an S2Mo
   s2moe-top1           S2MoE trained top-1: two streams x top-1, SMoE top-2's expert rows per token
   xmoe, stablemoe      SMoE with X-MoE / StableMoE routing (router frozen after steps/4)
   ablations            beta0, infonce-output, fixed-gate, shared-routing, noise0.1, noise0.3,
-                       noise0.3-1.0, noise1.0-0.3, tau0.5, tau0.05 (see ABLATIONS)
+                       noise0.3-1.0, noise1.0-0.3, draws1, tau0.5, tau0.05 (see ABLATIONS)
 
 Run folders: ``<output>/<name>-seed<N>`` (``-steps<S>`` appended for a budget other than the
 config's). Resumable: a finished run of the same steps is not trained again (an unfinished one
@@ -62,6 +62,7 @@ ABLATIONS = {
     "noise0.3": ("noise (a, b) = (0.3, 0.3)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=0.3"]),
     "noise0.3-1.0": ("noise (a, b) = (0.3, 1.0)", ["model.moe.noise_mult_std=0.3", "model.moe.noise_add_std=1.0"]),
     "noise1.0-0.3": ("noise (a, b) = (1.0, 0.3)", ["model.moe.noise_mult_std=1.0", "model.moe.noise_add_std=0.3"]),
+    "draws1": ("one noise draw per element (noise_draws 1)", ["model.moe.noise_draws=1"]),
     "tau0.5": ("InfoNCE tau 0.5", ["model.moe.infonce_temperature=0.5"]),
     "tau0.05": ("InfoNCE tau 0.05", ["model.moe.infonce_temperature=0.05"]),
 }
