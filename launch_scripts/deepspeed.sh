@@ -36,4 +36,56 @@ fi
 args+=(--num_gpus "${NUM_GPUS:-2}")
 # shellcheck disable=SC2206  # word splitting wanted: "--ssh_port 2222" -> two arguments
 [ -n "${DS_LAUNCHER_ARGS:-}" ] && args+=($DS_LAUNCHER_ARGS)
-exec deepspeed "${args[@]}" "$(command -v s2moe-train)" "$@"
+launcher=pdsh
+# shellcheck disable=SC2206
+ds_opts=(${DS_LAUNCHER_ARGS:-})
+for i in "${!ds_opts[@]}"; do
+  case "${ds_opts[$i]}" in
+    --launcher) launcher="${ds_opts[$((i + 1))]:-pdsh}" ;;
+    --launcher=*) launcher="${ds_opts[$i]#--launcher=}" ;;
+  esac
+done
+if [ -z "${HOSTFILE:-}" ] || [ "$launcher" != pdsh ]; then
+  exec deepspeed "${args[@]}" "$(command -v s2moe-train)" "$@"
+fi
+
+# Multi-node over pdsh. DeepSpeed's runner answers SIGTERM/SIGINT by killing pdsh (the ranks' output
+# with it) and `pkill`ing the node launchers, which give the ranks 30 s before SIGKILL, and exits 1
+# within seconds, before the ranks have saved. Instead, the first SIGTERM/SIGINT here goes to the ranks
+# only (they checkpoint at the next step boundary and exit 0; the runner then ends by itself, with
+# status 0); a second one hands over to the runner's own hard stop.
+# the nodes the runner starts: the hostfile's, the first NUM_NODES of them, in its order, so that pdsh's
+# %n (a node's index in that list) is the --node_rank the runner gave that node's launcher
+hosts="$(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE" | head -n "${NUM_NODES:-100000}" | paste -sd, -)"
+node_rank='--node_rank=%n '
+[[ " ${DS_LAUNCHER_ARGS:-} " =~ \ (-i|-e|--include|--exclude)[\ =] ]] && node_rank=''  # another list: any rank
+port="$(multi_node_port)"
+stop_ranks() {
+  # the ranks are the children of each node's `python -u -m deepspeed.launcher.launch ... --master_port=PORT`
+  # (the port tells this run's launcher from other jobs' on the node)
+  local launch="^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*${node_rank}.*--master_port=$port( |\$)"
+  PDSH_RCMD_TYPE=ssh pdsh -S -w "$hosts" "pids=\$(pgrep -d, -f '$launch') && pkill -TERM -P \$pids" || true
+}
+stopping=0
+on_signal() {
+  if [ "$stopping" = 0 ]; then
+    stopping=1
+    echo "$(basename "$0"): $1: asking the ranks on $hosts to checkpoint and stop (again: stop at once)" >&2
+    stop_ranks
+  else
+    echo "$(basename "$0"): $1 again: stopping the DeepSpeed runner at once" >&2
+    kill -TERM "$runner" 2>/dev/null || true
+  fi
+}
+set -m  # the runner gets its own process group: a Ctrl-C / group signal reaches this script only
+deepspeed "${args[@]}" "$(command -v s2moe-train)" "$@" &
+runner=$!
+set +m
+trap 'on_signal SIGTERM' TERM
+trap 'on_signal SIGINT' INT
+rc=0
+while :; do
+  wait "$runner" && rc=0 || rc=$?
+  kill -0 "$runner" 2>/dev/null || break  # else `wait` was cut short by a trapped signal
+done
+exit "$rc"

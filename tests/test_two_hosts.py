@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -373,3 +375,75 @@ def test_sbatch_two_nodes_trains_across_both_with_the_node_address_as_master(slu
     got = losses(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == ref[s] for s in got), \
         [(s, got.get(s), ref[s]) for s in ref if got.get(s) != ref[s]]
+
+
+def _rank_pids(out) -> dict:
+    """{pid: SLURMD_NODENAME or ''} of the live s2moe-train ranks writing to ``out`` (every simulated
+    host shares this machine's PID namespace)."""
+    found, mark = {}, str(out).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            if zombie or b"s2moe-train" not in cmd or mark not in cmd or b"deepspeed.launcher" in cmd:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"SLURM_JOB_ID" in env or b"LOCAL_RANK" in env or b"RANK" in env:
+            found[int(entry)] = env.get(b"SLURMD_NODENAME", b"").decode()
+    return found
+
+
+def _wait_ranks_gone(out, timeout: float) -> float:
+    """Seconds until no rank of ``out`` is alive (raises after ``timeout``)."""
+    t0, end = time.time(), time.monotonic() + timeout
+    while _rank_pids(out):
+        assert time.monotonic() < end, f"ranks still alive after {timeout:.0f} s: {_rank_pids(out)}"
+        time.sleep(0.2)
+    return time.time() - t0
+
+
+def test_sigterm_to_the_deepspeed_runner_checkpoints_before_the_ranks_exit(ssh_hosts, tmp_path):
+    """SIGTERM to launch_scripts/deepspeed.sh (hostfile, pdsh): the ranks on both hosts checkpoint
+    at the next step boundary and exit 0, and so does the script."""
+    hosts = ssh_hosts
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{h.hostname} slots=1\n" for h in hosts.hosts))
+    out = tmp_path / "ds_term"
+    env = _env(HOSTFILE=str(hostfile), NUM_NODES="2", NUM_GPUS="1", MASTER_ADDR=hosts[0].addr,
+               MASTER_PORT=str(port()))
+    log = open(tmp_path / "ds_term.log", "w+")
+    args = ["bash", os.path.join(ROOT, "launch_scripts", "deepspeed.sh"), "--config", TINY, "--deepspeed", ZERO1,
+            "--output", str(out), "--set", *SETTINGS, "train.steps=100000", "train.ckpt_every=0"]
+    proc = hosts[0].popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + TIMEOUT
+        while last_step(out) < 3:
+            assert time.monotonic() < end and proc.poll() is None, open(log.name).read()[-4000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        t_term = time.time()
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            code = None
+        runner_s = time.time() - t_term
+        ranks_s = _wait_ranks_gone(out, 120) + runner_s
+    finally:
+        hosts.kill_all()
+    log.seek(0)
+    text = log.read()
+    m = [int(s) for s in re.findall(r"SIGTERM: checkpointed at step (\d+), exiting", text)]
+    print(f"[figures] deepspeed (pdsh), 2 hosts: SIGTERM to the runner: it ended {runner_s:.1f} s later "
+          f"(exit {code}), the last rank {ranks_s:.1f} s later; checkpointed: {m}")
+    # before: DeepSpeed's runner killed pdsh (the ranks' output with it), pkilled the node launchers
+    # and exited 1 within ~5 s, not waiting for the ranks' checkpoint
+    assert m and code == 0, text[-5000:]
+    assert ranks_s - runner_s < 2  # the script ends once the ranks are gone, not before
+    assert os.path.isfile(out / "checkpoints" / f"global_step{m[0]}" / "s2moe_complete.json"), text[-3000:]
