@@ -200,6 +200,23 @@ PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
         self._wait("every node idle", self._node_ready, timeout)
         return self
 
+    def respawn_slurmds(self) -> List[str]:
+        """Start again every slurmd that has exited (a test killed it); returns their names."""
+        again = []
+        for n in self.nodes:
+            name = f"slurmd.{n['name']}"
+            if self.procs[name].poll() is not None:
+                self._spawn(name, [_sbin("slurmd"), "-D", "-N", n["name"], "-f", self.conf], n["prefix"])
+                again.append(name)
+        return again
+
+    def write_pids(self) -> None:
+        """``daemons.json``: {daemon name: PID}, for tests that kill one (a node failure)."""
+        path = os.path.join(self.root, "daemons.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({k: p.pid for k, p in self.procs.items() if p.poll() is None}, f)
+        os.replace(path + ".tmp", path)
+
     def _node_ready(self) -> bool:
         out = self.run(["scontrol", "show", "node", "-o"], check=False).stdout
         return out.count("State=IDLE") == len(self.nodes)
@@ -266,9 +283,10 @@ def _reap_orphans(keep) -> None:
 def supervise(root: str, cpus: int, nodes: Optional[List[dict]] = None) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned slurmstepds become our children
-    stop = []
+    stop, respawn = [], []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
+    signal.signal(signal.SIGHUP, lambda *_: respawn.append(1))  # start the slurmds that died again
     cluster = SlurmCluster(root, cpus, nodes)
     try:
         cluster.start()
@@ -276,9 +294,14 @@ def supervise(root: str, cpus: int, nodes: Optional[List[dict]] = None) -> int:
         print("ERROR: " + str(e).replace("\n", "\n  "), flush=True)
         cluster.stop()
         return 1
+    cluster.write_pids()
     print(READY + cluster.conf, flush=True)
     try:
         while not stop:
+            if respawn:
+                respawn.clear()
+                cluster.respawn_slurmds()
+                cluster.write_pids()
             _reap_orphans({p.pid for p in cluster.procs.values()})
             time.sleep(0.5)
     finally:
@@ -325,6 +348,26 @@ class LocalSlurm(SlurmClient):
         cluster = cls(root, proc, prefix)
         cluster.stop()
         raise RuntimeError("local Slurm did not start: " + "".join(seen).strip() + "\n" + cluster.logs())
+
+    def daemon_pids(self) -> Dict[str, int]:
+        with open(os.path.join(self.root, "daemons.json")) as f:
+            return json.load(f)
+
+    def kill_slurmd(self, node: str) -> int:
+        """SIGKILL node ``node``'s slurmd (its job steps live on, as when a node's daemon dies); its PID."""
+        pid = self.daemon_pids()[f"slurmd.{node}"]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def restart_slurmds(self, timeout: float = 30) -> None:
+        """Start again (under the supervisor) every slurmd that died."""
+        before = self.daemon_pids()
+        self.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + timeout
+        while self.daemon_pids() == before:
+            if time.monotonic() > end:
+                raise RuntimeError("the supervisor did not restart the slurmds\n" + self.logs())
+            time.sleep(0.2)
 
     def stop(self, timeout: float = 90) -> None:
         if self.proc.poll() is None:

@@ -389,7 +389,9 @@ def _rank_pids(out) -> dict:
                 cmd = f.read()
             with open(f"/proc/{entry}/stat") as f:
                 zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            if zombie or b"s2moe-train" not in cmd or mark not in cmd or b"deepspeed.launcher" in cmd:
+            argv0 = os.path.basename(cmd.split(b"\0", 1)[0])
+            if zombie or not (argv0.startswith(b"python") or argv0 == b"s2moe-train") or mark not in cmd \
+                    or b"s2moe-train" not in cmd or b"deepspeed.launcher" in cmd:
                 continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
@@ -447,3 +449,169 @@ def test_sigterm_to_the_deepspeed_runner_checkpoints_before_the_ranks_exit(ssh_h
     assert m and code == 0, text[-5000:]
     assert ranks_s - runner_s < 2  # the script ends once the ranks are gone, not before
     assert os.path.isfile(out / "checkpoints" / f"global_step{m[0]}" / "s2moe_complete.json"), text[-3000:]
+
+
+def _slowness() -> float:
+    """Waits stretch on a loaded machine (load per core above 1), up to 4x."""
+    return min(4.0, max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+
+
+# EP=4 over 2 nodes x 2 tasks; constant LR after warm-up, so a run stopped at step K and a run of
+# train.steps=K see the same learning rates (the job runs until cancelled)
+EP4 = [s for s in SETTINGS if not s.startswith(("model.moe.ep_size", "train.steps", "train.ckpt_every"))] + [
+    "model.moe.ep_size=4", "train.lr_schedule=constant", "train.ckpt_every=0", "train.keep_checkpoints=0"]
+COLLECTIVE_TIMEOUT = 60  # above Slurm's SlurmdTimeout (30 s): Slurm notices the dead node first
+
+
+class SlurmJob:
+    def __init__(self, cluster, job_id, log):
+        self.c, self.id, self.log = cluster, job_id, log
+
+    def text(self) -> str:
+        return open(self.log, errors="replace").read() if os.path.exists(self.log) else ""
+
+    def wait(self, what, ok, timeout):
+        """Poll ``ok(log_text, job_fields)`` until truthy (returned); the timeout is load-scaled."""
+        timeout *= _slowness()
+        end = time.monotonic() + timeout
+        while True:
+            fields, text = self.c.job(self.id), self.text()
+            got = ok(text, fields)
+            if got:
+                return got
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job {self.id}: "
+                                     f"{fields.get('JobState')} Reason={fields.get('Reason')} Restarts="
+                                     f"{fields.get('Restarts')}\n--- job log ---\n{text[-6000:]}\n{self.c.logs()}")
+            time.sleep(0.5)
+
+    def line(self, pattern, what, timeout, after=0):
+        return self.wait(what, lambda text, _: re.compile(pattern).search(text, after), timeout)
+
+
+def _node_state(cluster, node) -> str:
+    out = cluster.run(["scontrol", "show", "node", "-o", node], check=False).stdout
+    m = re.search(r"State=(\S+)", out)
+    return m.group(1) if m else "?"
+
+
+def test_sbatch_two_nodes_two_tasks_each_ep4_usr1_requeue_node_failure_and_resume(slurm2, hosts, tmp_path):
+    """One job, ``sbatch -N 2 --ntasks-per-node=2``, EP=4 (the all-to-all spans both nodes), through:
+    USR1 to the steps (checkpoint, trains on) -> USR1 to the batch shell (checkpoint, exit 0,
+    requeue) -> resume -> node 1 fails (link down, its slurmd SIGKILLed) -> Slurm requeues the job
+    -> node 1 back (link up, slurmd restarted) -> resume -> scancel. Every loss, of the first and of
+    the last time a step ran, equals a one-host 4-rank torchrun run."""
+    run, log = tmp_path / "run", str(tmp_path / "job.out")
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env.update(S2MOE_REPO=ROOT, S2MOE_VENV=sys.prefix, S2MOE_CONFIG=TINY, S2MOE_OUTPUT=str(run),
+               S2MOE_SET=" ".join(EP4 + ["train.steps=100000", f"train.collective_timeout_s={COLLECTIVE_TIMEOUT}"]),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+    env.pop("S2MOE_DATA", None)
+    out = slurm2.run(["sbatch", "--parsable", "--job-name=s2moe-ep4", "--nodes=2", "--ntasks-per-node=2",
+                      "--gpus-per-node=0", "--cpus-per-task=1", f"--output={log}",
+                      os.path.join(ROOT, "slurm", "pretrain.sbatch")], env=env, cwd=ROOT)
+    job = SlurmJob(slurm2, out.stdout.strip().split(";")[0], log)
+    node1 = f"s2n1{hosts.suffix}"
+    figures = {}
+    try:
+        job.line(r"no checkpoint in .*: starting from step 0", "training to start", 240)
+        assert "restart 0: 2 node(s) [" in job.text() and ", 4 ranks, 0 GPU(s)/node" in job.text(), job.text()
+        job.wait("step 2", lambda *_: last_step(run) >= 2, 120)
+
+        # 1) USR1 to the job steps: every rank checkpoints (one or two consecutive steps), trains on
+        slurm2.run(["scancel", "--signal=USR1", job.id])
+        job.line(r"checkpoint \S+/global_step(\d+)", "a checkpoint after USR1", 120)
+        time.sleep(2)
+        usr1 = [int(x) for x in re.findall(r"checkpoint \S+/global_step(\d+)", job.text())]
+        assert len(usr1) in (1, 2) and usr1 == list(range(usr1[0], usr1[0] + len(usr1))), usr1
+        fields = slurm2.job(job.id)
+        assert fields.get("JobState") == "RUNNING" and fields.get("Restarts") == "0", fields
+        assert "SIGTERM" not in job.text()
+
+        # 2) USR1 to the batch shell: checkpoint, exit 0, requeue
+        mark = len(job.text())
+        slurm2.run(["scancel", "--batch", "--signal=USR1", job.id])
+        b = int(job.line(r"SIGTERM: checkpointed at step (\d+), exiting", "the ranks to checkpoint and stop", 120,
+                         mark).group(1))
+        assert b > usr1[-1]
+        job.line(r"srun exited with status 0\n.*requeueing job", "the script to requeue the job", 60, mark)
+        job.wait("the requeue", lambda _, f: f.get("JobState") == "PENDING" and f.get("Restarts") == "1", 60)
+
+        # 3) the rerun resumes at b (3 s: a credential issued in the second of the requeue is refused)
+        time.sleep(3)
+        mark = len(job.text())
+        slurm2.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
+        got = job.line(r"resumed from (\S+)/global_step(\d+) at step (\d+)", "the rerun to resume", 240, mark)
+        assert got.group(1) == str(run / "checkpoints") and int(got.group(2)) == int(got.group(3)) == b
+        job.wait(f"step {b + 2}", lambda *_: last_step(run) >= b + 2, 120)
+
+        # 4) node 1 fails: its link down and its slurmd SIGKILLed (its job step lives on, cut off)
+        ranks = _rank_pids(run)
+        assert sorted(ranks.values()) == sorted([f"s2n0{hosts.suffix}"] * 2 + [node1] * 2), ranks
+        failed_at = last_step(run)
+        hosts.link_down()
+        slurm2.kill_slurmd(node1)
+        t0 = time.time()
+        # the reference, one host, 4 ranks, while the job's ranks wait: constant LR, so a run of
+        # train.steps=K equals the job's first K steps
+        ref_steps, ref_out = failed_at + 2, tmp_path / "ref"
+        ref = Node(hosts[0], str(tmp_path / "ref.log"), ref_out, 1, 0, "127.0.0.1", port(), nproc=4,
+                   extra=[*EP4, f"train.steps={ref_steps}"])
+        events = {}
+        end = time.monotonic() + 240 * _slowness()
+        while time.monotonic() < end:
+            state, fields, alive = _node_state(slurm2, node1), slurm2.job(job.id), _rank_pids(run)
+            now = time.time() - t0
+            if "*" in state or "NOT_RESPONDING" in state:
+                events.setdefault("node not responding", now)
+            if "DOWN" in state:
+                events.setdefault("node DOWN", now)
+            if fields.get("Restarts") == "2" or fields.get("JobState") not in ("RUNNING", "COMPLETING"):
+                events.setdefault(f"job {fields.get('JobState')} restarts {fields.get('Restarts')}", now)
+            for node in {f"s2n0{hosts.suffix}", node1} - set(alive.values()):
+                events.setdefault(f"ranks on {node[:4]} gone", now)
+            if len(events) >= 5 or now > 200:
+                break
+            time.sleep(0.5)
+        figures["node failure"] = {k: round(v, 1) for k, v in events.items()}
+        print(f"[figures] slurm, node 1 failed at step {failed_at}: {figures['node failure']}", flush=True)
+        fields = slurm2.job(job.id)
+        print(f"[figures] job after the node failure: {fields.get('JobState')} Reason={fields.get('Reason')} "
+              f"Restarts={fields.get('Restarts')}", flush=True)
+        # Slurm requeued the job (Restarts 2); it stays COMPLETING until node 1's slurmd is back
+        assert fields.get("Restarts") == "2" and fields.get("JobState") in ("PENDING", "COMPLETING"), \
+            (fields, job.text()[-3000:])
+        assert not _rank_pids(run) and "SIGTERM: checkpointed" not in job.text()[mark:]
+
+        # 5) node 1 back: link up, slurmd restarted; the requeued job resumes at b
+        hosts.link_up()
+        slurm2.restart_slurmds()
+        t1 = time.time()
+        job.wait("node 1 back", lambda *_: _node_state(slurm2, node1).split("+")[0] in ("IDLE", "MIXED", "ALLOCATED"),
+                 90)
+        figures["node back"] = round(time.time() - t1, 1)
+        job.wait("the job pending again", lambda _, f: f.get("JobState") == "PENDING", 60)
+        print(f"[figures] job with node 1 back: Reason={slurm2.job(job.id).get('Reason')}", flush=True)
+        time.sleep(3)
+        mark = len(job.text())
+        slurm2.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"])
+        got = job.line(r"resumed from (\S+)/global_step(\d+) at step (\d+)", "the rerun to resume", 240, mark)
+        assert int(got.group(2)) == int(got.group(3)) == b, got.group(0)
+        job.wait(f"step {ref_steps}", lambda *_: last_step(run) >= ref_steps, 120)
+        print(f"[figures] slurm: node 1 IDLE {figures['node back']} s after slurmd's restart", flush=True)
+        slurm2.run(["scancel", job.id])
+        job.wait("the job to end", lambda _, f: f.get("JobState") in ("CANCELLED", "COMPLETED", "FAILED") or not f,
+                 120)
+    finally:
+        slurm2.run(["scancel", "--signal=KILL", "--full", job.id], check=False)
+        slurm2.run(["scancel", job.id], check=False)
+        hosts.link_up()
+
+    try:
+        assert wait_all([ref]) == [0], ref.text()[-3000:]
+    finally:
+        hosts.kill_all()
+    want, first, last = losses(ref_out), losses(run, first=True), losses(run)
+    assert sorted(want) == list(range(1, ref_steps + 1)) and set(want) <= set(first), (sorted(want), sorted(first))
+    assert all(first[s] == want[s] for s in want), [(s, first[s], want[s]) for s in want if first[s] != want[s]]
+    assert all(last[s] == want[s] for s in want), [(s, last[s], want[s]) for s in want if last[s] != want[s]]
