@@ -578,10 +578,15 @@ def test_sbatch_two_nodes_two_tasks_each_ep4_usr1_requeue_node_failure_and_resum
         fields = slurm2.job(job.id)
         print(f"[figures] job after the node failure: {fields.get('JobState')} Reason={fields.get('Reason')} "
               f"Restarts={fields.get('Restarts')}", flush=True)
-        # Slurm requeued the job (Restarts 2); it stays COMPLETING until node 1's slurmd is back
+        # Slurm requeued the job (Restarts 2): COMPLETING while a task lives, then PENDING
         assert fields.get("Restarts") == "2" and fields.get("JobState") in ("PENDING", "COMPLETING"), \
             (fields, job.text()[-3000:])
         assert not _rank_pids(run) and "SIGTERM: checkpointed" not in job.text()[mark:]
+        end = time.monotonic() + 15 * _slowness()
+        while slurm2.job(job.id).get("JobState") != "PENDING" and time.monotonic() < end:
+            time.sleep(0.5)
+        print(f"[figures] job {slurm2.job(job.id).get('JobState')} {time.time() - t0:.1f} s after the failure, "
+              f"node 1 still {_node_state(slurm2, node1)}", flush=True)
 
         # 5) node 1 back: link up, slurmd restarted; the requeued job resumes at b
         hosts.link_up()
