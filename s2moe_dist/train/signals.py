@@ -30,8 +30,11 @@ class SignalFlags:
         return self
 
     def uninstall(self) -> None:
+        """Restore the previous handlers; after a SIGTERM, SIGTERM stays ignored: a signal sent to
+        every node reaches them at different times, and a late copy killed a rank (-15) that was
+        leaving after the checkpoint all ranks had agreed on."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.exit and sig == signal.SIGTERM else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:

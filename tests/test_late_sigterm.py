@@ -1,0 +1,41 @@
+"""A SIGTERM sent to every node reaches the ranks at different times: once a rank has acted on one
+(checkpoint, exit 0), a late copy must not kill it on its way out (it died with -15, and the
+launcher reported the whole run as failed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = """
+import os, signal, sys
+from s2moe_dist.train.signals import SignalFlags
+flags = SignalFlags().install()
+if sys.argv[1] == "term":
+    os.kill(os.getpid(), signal.SIGTERM)  # the one the rank acts on
+    assert flags.exit
+flags.uninstall()
+h = signal.getsignal(signal.SIGTERM)
+print("after uninstall:", {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}.get(h, h), flush=True)
+if sys.argv[1] == "term":
+    os.kill(os.getpid(), signal.SIGTERM)  # a late copy, while the rank leaves
+print("still alive", flush=True)
+"""
+
+
+def _run(mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_a_late_sigterm_after_a_sigterm_exit_does_not_kill_the_rank():
+    out = _run("term")
+    assert out.returncode == 0 and "still alive" in out.stdout, (out.returncode, out.stdout, out.stderr)
+
+
+def test_without_a_sigterm_the_previous_handler_comes_back():
+    out = _run("none")
+    assert out.returncode == 0 and "after uninstall: default" in out.stdout, out
