@@ -460,7 +460,7 @@ def _slowness() -> float:
 # train.steps=K see the same learning rates (the job runs until cancelled)
 EP4 = [s for s in SETTINGS if not s.startswith(("model.moe.ep_size", "train.steps", "train.ckpt_every"))] + [
     "model.moe.ep_size=4", "train.lr_schedule=constant", "train.ckpt_every=0", "train.keep_checkpoints=0"]
-COLLECTIVE_TIMEOUT = 60  # above Slurm's SlurmdTimeout (30 s): Slurm notices the dead node first
+COLLECTIVE_TIMEOUT = 45  # above the 27-37 s Slurm took to set a node DOWN (SlurmdTimeout=30): it notices first
 
 
 class SlurmJob:
@@ -604,9 +604,6 @@ def test_sbatch_two_nodes_two_tasks_each_ep4_usr1_requeue_node_failure_and_resum
         assert int(got.group(2)) == int(got.group(3)) == b, got.group(0)
         job.wait(f"step {ref_steps}", lambda *_: last_step(run) >= ref_steps, 120)
         print(f"[figures] slurm: node 1 IDLE {figures['node back']} s after slurmd's restart", flush=True)
-        slurm2.run(["scancel", job.id])
-        job.wait("the job to end", lambda _, f: f.get("JobState") in ("CANCELLED", "COMPLETED", "FAILED") or not f,
-                 120)
     finally:
         slurm2.run(["scancel", "--signal=KILL", "--full", job.id], check=False)
         slurm2.run(["scancel", job.id], check=False)
