@@ -8,9 +8,14 @@ veth link, own hostnames and hosts files), tiny model, EP=2: the expert all-to-a
   the timeout + a few seconds (time measured).
 - launch_scripts/deepspeed.sh with a hostfile (pdsh over ssh, an sshd per host): the ranks get the
   forwarded environment (DS_ENV_FILE), equal losses, a SIGKILLed rank ends the runner, resume.
+- SIGTERM to launch_scripts/deepspeed.sh (hostfile, pdsh): the ranks checkpoint and exit 0, then
+  the script (before: DeepSpeed's runner exited 1 within seconds, not waiting for them).
 - launch_scripts/mpirun.sh with a hostfile (Open MPI over ssh): equal losses.
 - slurm/pretrain.sbatch on a two-node Slurm (one slurmd per host, node names that resolve nowhere):
-  trains across both with node 0's NodeAddr as MASTER_ADDR, equal losses.
+  trains across both with node 0's NodeAddr as MASTER_ADDR, equal losses; and one job with
+  2 tasks per node, EP=4, through USR1 (checkpoint), batch USR1 (checkpoint, requeue), resume, a
+  node failure (link down + slurmd SIGKILLed: Slurm requeues it), the node back, resume: every loss
+  equals a one-host 4-rank run (times of the node failure measured).
 - start-up checks, before any process group: a hostname resolving to 127.0.1.1 (Debian's default)
   with gloo across hosts exits 2 naming GLOO_SOCKET_IFNAME (before the fix: "Connection refused"
   on the peer and a hang until the timeout); GLOO_SOCKET_IFNAME set makes the same run train.
