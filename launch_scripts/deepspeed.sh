@@ -37,12 +37,15 @@ args+=(--num_gpus "${NUM_GPUS:-2}")
 # shellcheck disable=SC2206  # word splitting wanted: "--ssh_port 2222" -> two arguments
 [ -n "${DS_LAUNCHER_ARGS:-}" ] && args+=($DS_LAUNCHER_ARGS)
 launcher=pdsh
+ssh_port=''
 # shellcheck disable=SC2206
 ds_opts=(${DS_LAUNCHER_ARGS:-})
 for i in "${!ds_opts[@]}"; do
   case "${ds_opts[$i]}" in
     --launcher) launcher="${ds_opts[$((i + 1))]:-pdsh}" ;;
     --launcher=*) launcher="${ds_opts[$i]#--launcher=}" ;;
+    --ssh_port) ssh_port="${ds_opts[$((i + 1))]:-}" ;;
+    --ssh_port=*) ssh_port="${ds_opts[$i]#--ssh_port=}" ;;
   esac
 done
 if [ -z "${HOSTFILE:-}" ] || [ "$launcher" != pdsh ]; then
@@ -64,7 +67,8 @@ stop_ranks() {
   # the ranks are the children of each node's `python -u -m deepspeed.launcher.launch ... --master_port=PORT`
   # (the port tells this run's launcher from other jobs' on the node)
   local launch="^[^ ]*python[^ ]* -u -m deepspeed[.]launcher[.]launch .*${node_rank}.*--master_port=$port( |\$)"
-  PDSH_RCMD_TYPE=ssh pdsh -S -w "$hosts" "pids=\$(pgrep -d, -f '$launch') && pkill -TERM -P \$pids" || true
+  PDSH_RCMD_TYPE=ssh PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-}${ssh_port:+ -p $ssh_port}" \
+    pdsh -S -w "$hosts" "pids=\$(pgrep -d, -f '$launch') && pkill -TERM -P \$pids" || true
 }
 stopping=0
 on_signal() {
@@ -74,15 +78,16 @@ on_signal() {
     stop_ranks
   else
     echo "$(basename "$0"): $1 again: stopping the DeepSpeed runner at once" >&2
-    kill -TERM "$runner" 2>/dev/null || true
+    [ -n "$runner" ] && kill -TERM "$runner" 2>/dev/null || true
   fi
 }
+runner=''
+trap 'on_signal SIGTERM' TERM  # before the runner starts (it gets the default handlers back)
+trap 'on_signal SIGINT' INT
 set -m  # the runner gets its own process group: a Ctrl-C / group signal reaches this script only
 deepspeed "${args[@]}" "$(command -v s2moe-train)" "$@" &
 runner=$!
 set +m
-trap 'on_signal SIGTERM' TERM
-trap 'on_signal SIGINT' INT
 rc=0
 while :; do
   wait "$runner" && rc=0 || rc=$?

@@ -16,11 +16,13 @@ flags = SignalFlags().install()
 if sys.argv[1] == "term":
     os.kill(os.getpid(), signal.SIGTERM)  # the one the rank acts on
     assert flags.exit
+if sys.argv[1] == "agreed":  # another rank's SIGTERM, OR-ed in the flags' all-reduce: exit together
+    assert flags.settle(*flags.local()[:1], [1.0, 1.0]) == (True, True)
 flags.uninstall()
 h = signal.getsignal(signal.SIGTERM)
 print("after uninstall:", {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}.get(h, h), flush=True)
-if sys.argv[1] == "term":
-    os.kill(os.getpid(), signal.SIGTERM)  # a late copy, while the rank leaves
+if sys.argv[1] != "none":
+    os.kill(os.getpid(), signal.SIGTERM)  # a late copy (this rank's own), while the rank leaves
 print("still alive", flush=True)
 """
 
@@ -33,6 +35,11 @@ def _run(mode: str) -> subprocess.CompletedProcess:
 
 def test_a_late_sigterm_after_a_sigterm_exit_does_not_kill_the_rank():
     out = _run("term")
+    assert out.returncode == 0 and "still alive" in out.stdout, (out.returncode, out.stdout, out.stderr)
+
+
+def test_a_sigterm_that_arrives_after_the_ranks_agreed_to_exit_does_not_kill_the_rank():
+    out = _run("agreed")
     assert out.returncode == 0 and "still alive" in out.stdout, (out.returncode, out.stdout, out.stderr)
 
 

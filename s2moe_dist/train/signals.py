@@ -18,6 +18,7 @@ class SignalFlags:
         self.requests = 0  # SIGTERM / SIGUSR1 received (only the handler writes it)
         self.acted = 0  # requests already turned into a checkpoint decision
         self.exit = False
+        self.leaving = False  # the ranks agreed to exit after a SIGTERM (on any of them)
         self._previous = {}
 
     @property
@@ -30,11 +31,12 @@ class SignalFlags:
         return self
 
     def uninstall(self) -> None:
-        """Restore the previous handlers; after a SIGTERM, SIGTERM stays ignored: a signal sent to
-        every node reaches them at different times, and a late copy killed a rank (-15) that was
-        leaving after the checkpoint all ranks had agreed on."""
+        """Restore the previous handlers; after a SIGTERM (here or on another rank), SIGTERM stays
+        ignored: a signal sent to every node reaches them at different times, and a late copy killed
+        a rank (-15) that was leaving after the checkpoint all ranks had agreed on."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.exit and sig == signal.SIGTERM else handler)
+            leaving = self.exit or self.leaving
+            signal.signal(sig, signal.SIG_IGN if leaving and sig == signal.SIGTERM else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
@@ -51,6 +53,7 @@ class SignalFlags:
     def settle(self, seen: int, summed: Sequence[float]) -> Tuple[bool, bool]:
         """(checkpoint, exit) from the flags summed over ranks; the requests seen are marked handled
         (a signal that arrived during the all-reduce counts at the next step)."""
+        self.leaving = self.leaving or summed[1] > 0  # another rank's SIGTERM: this one's may come late
         self.acted = seen
         return summed[0] > 0, summed[1] > 0
 
