@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import S2MoEConfig
+from ..deepspeed_args import DEEPSPEED_DEFAULTS, layer_config_from_args  # noqa: F401 (re-export)
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
 from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
@@ -28,40 +29,9 @@ from .stats import RoutingStats
 from .stream_balance import two_stream_balance_loss
 from .tp_dispatcher import tensor_parallel_plan
 
-# Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
-_DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
-                         "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts",
-                         "use_tutel", "enable_expert_tensor_parallelism", "top2_2nd_expert_sampling")
-_S2MOE_POSITIONAL = ("num_experts", "k", "ffn_hidden_size", "ep_size")
-# A DeepSpeed-style call (an expert module passed) gets deepspeed.moe.layer.MoE's defaults where
-# S2MoEConfig's differ, so swapping the import keeps the client's routing (docs/deepspeed.md).
-DEEPSPEED_DEFAULTS = {"num_experts": 1, "k": 1, "drop_tokens": True, "use_rts": True,
-                      "top2_2nd_expert_sampling": True}
-
-
-def build_config(hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
-    """Parse S2MoE's or deepspeed.moe.layer.MoE's call conventions into (config, expert module).
-
-    With an expert module (DeepSpeed's convention, positional or ``expert=``), arguments left out
-    take DeepSpeed's defaults (``DEEPSPEED_DEFAULTS``: num_experts 1, k 1, drop_tokens, use_rts and
-    top2_2nd_expert_sampling True); without one, S2MoEConfig's (16 experts, top-2, dropless)."""
-    if config is not None:
-        if args or kwargs.keys() - {"expert"}:
-            raise ValueError("S2MoE: pass either config=S2MoEConfig(...) or keyword arguments, not both")
-        return config, kwargs.get("expert")
-    names = _DEEPSPEED_POSITIONAL if args and isinstance(args[0], nn.Module) else _S2MOE_POSITIONAL
-    if len(args) > len(names):
-        raise TypeError(f"S2MoE takes at most {len(names) + 1} positional arguments")
-    for name, value in zip(names, args):
-        if name in kwargs:
-            raise TypeError(f"S2MoE got multiple values for argument {name!r}")
-        kwargs[name] = value
-    expert = kwargs.pop("expert", None)
-    if expert is not None and not isinstance(expert, nn.Module):
-        raise ValueError(f"S2MoE.expert={expert!r} is invalid: must be a torch.nn.Module or None")
-    if expert is not None:
-        kwargs = {**DEEPSPEED_DEFAULTS, **kwargs}
-    return S2MoEConfig(hidden_size=hidden_size, **kwargs), expert
+# DeepSpeed's call conventions (positional order, its defaults with an expert module) are
+# translated by s2moe_dist/deepspeed_args.py; these names are re-exported for existing imports.
+build_config = layer_config_from_args
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -100,7 +70,7 @@ class S2MoELayer(nn.Module):
 
     def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
         super().__init__()
-        cfg, expert = build_config(hidden_size, *args, config=config, **kwargs)
+        cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
         self.config = cfg
         self.num_experts = cfg.num_experts
         self.ep_size = cfg.ep_size
