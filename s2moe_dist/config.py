@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import InitVar, dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .deepspeed_args import check_deepspeed_fields, normalize_noisy_gate_policy
 
@@ -210,10 +210,6 @@ class S2MoEConfig:
     def renormalize(self) -> bool:
         """Top-k weights renormalised for layers trained with k >= 2; raw top-1 prob for k = 1."""
         return self.k >= 2
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The fields as a plain dict (``from_dict`` reads it back)."""
-        return dataclasses.asdict(self)
 
     def validate(self, owner: str = "S2MoEConfig") -> None:
         """Raise ValueError naming ``owner.field``, the value and what is allowed."""

@@ -124,7 +124,7 @@ class CharLM(nn.Module):
 
     def moe_layers(self) -> List[Tuple[int, S2MoELayer]]:
         """(block index, S2MoE layer) for every MoE block, in order. The pure PyTorch layer
-        (which holds ``last_stats``, ``config``), inside DeepSpeed's wrapper if there is one."""
+        (which holds ``stats``, ``config``), inside DeepSpeed's wrapper if there is one."""
         return [(i, next(m for m in b.ffn.modules() if isinstance(m, S2MoELayer)))
                 for i, b in enumerate(self.blocks) if b.is_moe]
 
