@@ -465,7 +465,7 @@ def _slowness() -> float:
 # train.steps=K see the same learning rates (the job runs until cancelled)
 EP4 = [s for s in SETTINGS if not s.startswith(("model.moe.ep_size", "train.steps", "train.ckpt_every"))] + [
     "model.moe.ep_size=4", "train.lr_schedule=constant", "train.ckpt_every=0", "train.keep_checkpoints=0"]
-COLLECTIVE_TIMEOUT = 45  # above the 27-37 s Slurm took to set a node DOWN (SlurmdTimeout=30): it notices first
+COLLECTIVE_TIMEOUT = 45  # above the 24-37 s Slurm took to set a node DOWN (SlurmdTimeout=30): it notices first
 
 
 class SlurmJob:
