@@ -41,7 +41,12 @@ class MoEFFN(nn.Module):
         import s2moe_dist  # the public name: DeepSpeed's MoE subclass when DeepSpeed is installed
         # experts split over TP only when there is TP: the same config runs at model.tp_size 1
         no_tp = {"enable_expert_tensor_parallelism": False} if config.tp_size == 1 else {}
-        self.moe = s2moe_dist.S2MoE(config=config.moe_config(**no_tp))
+        moe_config = config.moe_config(**no_tp)
+        plan = None
+        if config.tp_size > 1:  # the TP group train.distributed.init_model_parallel registered
+            from ..parallel.plan import ParallelPlan
+            plan = ParallelPlan.from_registered_groups(moe_config, owner="model.moe")
+        self.moe = s2moe_dist.S2MoE(config=moe_config, plan=plan)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
