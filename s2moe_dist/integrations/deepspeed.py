@@ -11,8 +11,9 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
   ``split_params_into_different_moe_groups_for_optimizer`` and ZeRO 1/2 treat them as MoE params.
 - ``set_deepspeed_parallelism`` (called by ``deepspeed.initialize``) creates DeepSpeed's groups and
   hands them to the layer as its ``ParallelPlan`` (``set_parallel_plan``: the fused all-to-all then
-  runs on DeepSpeed's EP group). A layer built once those groups exist gets that plan before its
-  experts are drawn; one the engine never saw moves onto the groups at its first forward.
+  runs on DeepSpeed's EP group; where DeepSpeed places a rank otherwise than the layer's default
+  plan, the D+E layout, the built-in experts are redrawn for their new global ids from the same
+  seed). A layer the engine never saw moves onto the same groups at its first forward.
 - Inside ``deepspeed.initialize`` the layer checks the engine it is being attached to: ZeRO-3 and an
   optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
   under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
@@ -157,15 +158,6 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
                     self.ep_size, mpu=ds_groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         # the D+E topology (use_data_before_expert_parallel_) orders EP ranks otherwise than rank % ep_size
         self.set_parallel_plan(deepspeed_plan(self.plan, self.expert_group_name))
-
-    def default_plan(self, cfg) -> ParallelPlan:
-        """DeepSpeed's groups when they exist already (a layer built after ``deepspeed.initialize``):
-        the experts are then drawn for the right global ids from the start."""
-        plan = S2MoELayer.default_plan(cfg)
-        name = f"ep_size_{cfg.ep_size}"
-        if deepspeed.comm.is_initialized() and name in ds_groups._get_expert_parallel_group_dict():
-            plan = deepspeed_plan(plan, name)
-        return plan
 
     def forward(self, *args, **kwargs):
         if self.ep_size > 1 and self.plan.ep_group is None:  # deepspeed.initialize never saw this layer

@@ -132,7 +132,7 @@ class S2MoELayer(nn.Module):
         self.ep_size = cfg.ep_size
         self.num_local_experts = cfg.num_local_experts
         # which ranks hold which experts, decided before the experts are drawn (parallel/plan.py)
-        self.plan = plan if plan is not None else self.default_plan(cfg)
+        self.plan = plan if plan is not None else default_plan(cfg)
         check_plan(self.plan, cfg, user_expert=expert is not None)
         # router_type: topk (router.weight [E, d]) | xmoe | stablemoe; DeepSpeed's Jitter / RSample on topk
         if cfg.noisy_gate_policy is None:
@@ -172,8 +172,6 @@ class S2MoELayer(nn.Module):
         self.l_aux = torch.zeros(())
         self.uncertainty_loss = torch.zeros(())
         self.last_stats: Dict[str, Any] = {}
-
-    default_plan = staticmethod(default_plan)  # the plan of a layer built without one (a subclass may differ)
 
     @property
     def ep_rank(self) -> int:

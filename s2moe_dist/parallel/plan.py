@@ -13,7 +13,8 @@ The EP rank is the rank inside the EP group passed in, else the position the def
 whole experts under TP. An EP group left out is made on first use (``ParallelPlan.expert_groups``:
 ``new_group`` is collective, so it runs where every rank runs it, at the first dispatch).
 
-A TP group registered by the Megatron integration is read only where a call site asks for it:
+``plan_for_config(config, ...)`` is the same builder fed from an ``S2MoEConfig``. A TP group
+registered by the Megatron integration is read only where a call site asks for it:
 ``ParallelPlan.from_registered_groups``. Knows nothing of DeepSpeed or Megatron.
 """
 from __future__ import annotations
