@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..config import S2MoEConfig
-from ..parallel.plan import ParallelPlan, make_parallel_plan, plan_for_config
-from ..parallel.tensor_parallel import default_tensor_parallel_group
+from ..parallel.plan import ParallelPlan, make_parallel_plan
 from .dispatcher import Dispatcher, build_dispatcher
 from .experts import ExpertBank, ModuleExperts
 from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
@@ -29,7 +28,7 @@ from .aux_grad import attach_aux_grad
 from .noisy_gate import NoisyGateRouter
 from .residual import ResidualMLP, residual_mix
 from .stream_balance import two_stream_balance_loss
-from .tp_dispatcher import NO_TP_GROUP_ERROR
+from .layer_plan import check_plan, default_plan
 
 # Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
 _DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
@@ -71,38 +70,6 @@ def expert_parallel_rank(ep_size: int) -> int:
     """EP rank of a layer built without a plan and without TP (kept for existing callers): the
     rank's block in DeepSpeed's contiguous ``ep_size_N`` groups, ``global_rank % ep_size``."""
     return make_parallel_plan(ep_size, owner="S2MoEConfig").ep_rank
-
-
-def default_plan(cfg: S2MoEConfig) -> ParallelPlan:
-    """The plan of a layer built without one: its experts split over ``ep_size`` ranks of the world in
-    DeepSpeed's layout, and tensor parallelism only where asked for: ``enable_expert_tensor_parallelism``
-    takes the registered TP group (``integrations.megatron.use_megatron_parallel_state``), and
-    ``parallel.tensor_parallel.set_tensor_parallel_group`` makes its group every layer's default."""
-    shard = bool(cfg.enable_expert_tensor_parallelism)
-    tp_group = default_tensor_parallel_group(expert_tensor_parallel=shard)
-    if shard and tp_group is None:
-        raise ValueError(NO_TP_GROUP_ERROR)
-    return plan_for_config(cfg, tp_group=tp_group)
-
-
-def check_plan(plan: ParallelPlan, cfg: S2MoEConfig, user_expert: bool) -> None:
-    """A plan fits a layer: the config's ep_size, and experts split over TP exactly when the config
-    asks for it and the plan has TP."""
-    if not isinstance(plan, ParallelPlan):
-        raise ValueError(f"S2MoE(plan={plan!r}) is invalid: must be a s2moe_dist.parallel.plan.ParallelPlan "
-                         "(make_parallel_plan(...)) or None")
-    if plan.ep_size != cfg.ep_size:
-        raise ValueError(f"S2MoE(plan=...) has ep_size={plan.ep_size} but S2MoEConfig.ep_size={cfg.ep_size}; "
-                         "they must be equal: build the plan with make_parallel_plan(config.ep_size, ...)")
-    if plan.shard_experts != (bool(cfg.enable_expert_tensor_parallelism) and plan.tensor_parallel):
-        raise ValueError(f"S2MoE(plan=...) has shard_experts={plan.shard_experts} but "
-                         f"S2MoEConfig.enable_expert_tensor_parallelism={cfg.enable_expert_tensor_parallelism} "
-                         f"(TP size {plan.tp_size}); build the plan with shard_experts="
-                         "config.enable_expert_tensor_parallelism")
-    if plan.shard_experts and user_expert:
-        raise ValueError("S2MoEConfig.enable_expert_tensor_parallelism=True is invalid with a user expert module: "
-                         "S2MoE can only split its own expert bank over TP; pass expert=None (the bank: "
-                         "ffn_hidden_size, activation, expert_bias) or set enable_expert_tensor_parallelism=False")
 
 
 class S2MoELayer(nn.Module):
