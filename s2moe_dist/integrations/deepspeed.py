@@ -37,6 +37,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups as ds_groups
 
 from ..moe.layer import S2MoELayer
+from ..deepspeed_args import layer_config_from_args
 from ..parallel.plan import ParallelPlan, make_parallel_plan
 from .ds_checkpoint import split_expert_state, stack_expert_state
 
@@ -95,8 +96,10 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     """The S2MoE layer as a ``deepspeed.moe.layer.MoE``. Same arguments and forward as ``S2MoELayer``
     (which accepts ``MoE``'s arguments too); see the module docstring for what changes."""
 
-    def __init__(self, hidden_size=None, *args, config=None, **kwargs):
-        super().__init__(hidden_size, *args, config=config, **kwargs)
+    def __init__(self, hidden_size=None, *args, config=None, plan=None, **kwargs):
+        # deepspeed.moe.layer.MoE's call (positional order, its defaults) -> S2MoEConfig + expert module
+        cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
+        super().__init__(config=cfg, expert=expert, plan=plan)
         self.expert_group_name = f"ep_size_{self.ep_size}"
         self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
