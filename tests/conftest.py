@@ -58,6 +58,8 @@ TEST_KINDS = {
     "test_noise_and_losses.py": "unit",
     "test_noise_draws.py": "unit",
     "test_op_count.py": "unit",
+    "test_parallel_plan.py": "unit",
+    "test_parallel_plan_dist.py": "distributed",
     "test_quality_flops.py": "unit",
     "test_quality_report.py": "unit",
     "test_reliability.py": "system",

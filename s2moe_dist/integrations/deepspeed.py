@@ -10,8 +10,10 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
 - Expert parameters carry ``allreduce=False`` and ``group_name="ep_size_N"`` like DeepSpeed's, so
   ``split_params_into_different_moe_groups_for_optimizer`` and ZeRO 1/2 treat them as MoE params.
 - ``set_deepspeed_parallelism`` (called by ``deepspeed.initialize``) creates DeepSpeed's groups and
-  puts the fused all-to-all dispatcher on DeepSpeed's EP group. A layer the engine never saw (built
-  after ``deepspeed.initialize``) moves onto the same groups at its first forward.
+  hands them to the layer as its ``ParallelPlan`` (``set_parallel_plan``: the fused all-to-all then
+  runs on DeepSpeed's EP group; where DeepSpeed places a rank otherwise than the layer's default
+  plan, the D+E layout, the built-in experts are redrawn for their new global ids from the same
+  seed). A layer the engine never saw moves onto the same groups at its first forward.
 - Inside ``deepspeed.initialize`` the layer checks the engine it is being attached to: ZeRO-3 and an
   optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
   under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
@@ -34,10 +36,9 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups as ds_groups
 
-from ..moe.a2a_dispatcher import AllToAllDispatcher
-from ..moe.tp_dispatcher import TensorParallelDispatcher
 from ..moe.layer import S2MoELayer
 from ..deepspeed_args import layer_config_from_args
+from ..parallel.plan import ParallelPlan, make_parallel_plan
 from .ds_checkpoint import split_expert_state, stack_expert_state
 
 ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
@@ -95,15 +96,15 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     """The S2MoE layer as a ``deepspeed.moe.layer.MoE``. Same arguments and forward as ``S2MoELayer``
     (which accepts ``MoE``'s arguments too); see the module docstring for what changes."""
 
-    def __init__(self, hidden_size=None, *args, config=None, **kwargs):
+    def __init__(self, hidden_size=None, *args, config=None, plan=None, **kwargs):
         # deepspeed.moe.layer.MoE's call (positional order, its defaults) -> S2MoEConfig + expert module
         cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
-        super().__init__(config=cfg, expert=expert)
+        super().__init__(config=cfg, expert=expert, plan=plan)
         self.expert_group_name = f"ep_size_{self.ep_size}"
         self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism
         mark_expert_params(self.experts, self.expert_group_name)
-        if self.tp_plan is not None and not self.tp_plan.shard_experts:
+        if self.plan.tensor_parallel and not self.plan.shard_experts:
             # whole experts under TP: ZeRO 1/2 partition them over an EDP group that may hold TP peers,
             # and their grad norm counts a tensor that is not model-parallel on TP rank 0 only (so the
             # other TP ranks' partitions were missed); every element sits in one partition: count all
@@ -158,20 +159,21 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
             else:
                 ds_groups._create_expert_data_and_model_parallel(
                     self.ep_size, mpu=ds_groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        group = ds_groups._get_expert_parallel_group(self.expert_group_name)
-        # the D+E topology (use_data_before_expert_parallel_) orders EP ranks differently
-        self.set_expert_parallel_rank(ds_groups._get_expert_parallel_rank(self.expert_group_name))
-        if self.ep_size > 1 and (self._dispatcher is None
-                                 or type(self._dispatcher) in (AllToAllDispatcher, TensorParallelDispatcher)):
-            self.set_dispatcher(self.dispatcher_for(group))  # wrapped for Megatron TP if the layer is TP
+        # the D+E topology (use_data_before_expert_parallel_) orders EP ranks otherwise than rank % ep_size
+        self.set_parallel_plan(deepspeed_plan(self.plan, self.expert_group_name))
 
-    @property
-    def dispatcher(self):
-        # a layer deepspeed.initialize never saw: move onto DeepSpeed's groups at first use
-        if self._dispatcher is None and self.ep_size > 1:
+    def forward(self, *args, **kwargs):
+        if self.ep_size > 1 and self.plan.ep_group is None:  # deepspeed.initialize never saw this layer
             _ensure_deepspeed_comm()
             self._create_process_groups()
-        return S2MoELayer.dispatcher.fget(self)
+        return super().forward(*args, **kwargs)
+
+
+def deepspeed_plan(plan: ParallelPlan, group_name: str) -> ParallelPlan:
+    """``plan`` with DeepSpeed's EP group ``group_name`` (``ep_size_N``); the EP rank is this rank's
+    place in it (``make_parallel_plan``)."""
+    return make_parallel_plan(plan.ep_size, ep_group=ds_groups._get_expert_parallel_group(group_name),
+                              tp_group=plan.tp_group, shard_experts=plan.shard_experts, owner="S2MoEConfig")
 
 
 def separate_param_group(optimizer: torch.optim.Optimizer, params, suffix: str) -> None:
@@ -192,7 +194,7 @@ def check_tensor_parallel_mpu(layer, mpu) -> None:
     DeepSpeed's ``mpu`` must agree: DeepSpeed lays expert groups out from the mpu."""
     from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
     mpu_tp = bwc_tensor_model_parallel_world_size(mpu)
-    layer_tp = layer.tp_plan.size if layer.tp_plan is not None else 1
+    layer_tp = layer.plan.tp_size
     if mpu_tp == layer_tp:
         return
     if mpu is None:

@@ -1,8 +1,12 @@
 """S2MoE on Megatron-core: tensor-parallel groups, DeepSpeed's ``mpu``, and a layer spec.
 
+- ``megatron_parallel_plan(config)``: the ``ParallelPlan`` of an S2MoE layer on Megatron's TP group
+  (its input taken as replicated over TP; with ``enable_expert_tensor_parallelism`` each expert
+  split over TP): ``S2MoE(config=cfg, plan=megatron_parallel_plan(cfg))``. ``S2MoEMLP`` passes it.
 - ``use_megatron_parallel_state()``: after ``parallel_state.initialize_model_parallel(...)``,
-  registers Megatron's TP group for S2MoE layers built afterwards (their input is taken as
-  replicated over TP; with ``enable_expert_tensor_parallelism`` each expert is split over TP).
+  registers Megatron's TP group for the call sites that ask for it: layers with
+  ``enable_expert_tensor_parallelism=True`` and ``ParallelPlan.from_registered_groups()``. A
+  layer built without either stays a plain (not tensor-parallel) layer.
 - ``megatron_mpu()``: ``megatron.core.parallel_state`` as ``deepspeed.initialize(mpu=...)`` needs it.
   megatron-core 0.16 dropped ``get_model_parallel_rank/world_size`` and
   ``get_data_parallel_group_ranks``, which DeepSpeed 0.19 calls (engine, checkpoint names, grad
@@ -25,13 +29,28 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from ..config import S2MoEConfig, moe_config_from_dict
-from ..parallel.tensor_parallel import set_tensor_parallel_group
+from ..parallel.plan import ParallelPlan, plan_for_config
+from ..parallel.tensor_parallel import register_tensor_parallel_group
 
 
 def use_megatron_parallel_state():
-    """Register Megatron's TP group for S2MoE layers; returns it. Raises ValueError if Megatron's
-    model parallelism is not initialised or uses what S2MoE does not support (PP, CP, Megatron's
-    own expert parallelism: S2MoE's expert parallelism is its ``ep_size``)."""
+    """Register Megatron's TP group (``megatron_tensor_parallel_group()``) for the S2MoE call sites
+    that ask for it (module docstring); returns it."""
+    group = megatron_tensor_parallel_group()
+    register_tensor_parallel_group(group)
+    return group
+
+
+def megatron_parallel_plan(config: S2MoEConfig) -> ParallelPlan:
+    """The plan of an S2MoE layer of ``config`` on Megatron's TP group (TP size 1: no TP); EP over
+    ``config.ep_size`` ranks in DeepSpeed's layout around it."""
+    return plan_for_config(config, tp_group=megatron_tensor_parallel_group())
+
+
+def megatron_tensor_parallel_group():
+    """Megatron's TP group. Raises ValueError if Megatron's model parallelism is not initialised or
+    uses what S2MoE does not support (PP, CP, Megatron's own expert parallelism: S2MoE's expert
+    parallelism is its ``ep_size``)."""
     ps = parallel_state
     if not ps.model_parallel_is_initialized():
         raise ValueError("megatron.core.parallel_state is not initialised: call "
@@ -43,9 +62,7 @@ def use_megatron_parallel_state():
         if size != 1:
             raise ValueError(f"Megatron {what}={size} is not supported with S2MoE: use 1 (S2MoE's expert "
                              "parallelism is S2MoEConfig.ep_size, on DeepSpeed's expert groups)")
-    group = ps.get_tensor_model_parallel_group()
-    set_tensor_parallel_group(group)
-    return group
+    return ps.get_tensor_model_parallel_group()
 
 
 def megatron_mpu():
@@ -88,7 +105,7 @@ class S2MoEMLP(MegatronModule):
     ``MoEAuxLossAutoScaler.set_loss_scale(1 / num_microbatches)``. ``padding_mask`` is accepted and
     not used: padding tokens count in the S2MoE losses, as in DeepSpeed's MoE.
 
-    TP group: ``parallel_state``'s (registered here when model parallelism is initialised).
+    TP group: ``parallel_state``'s when model parallelism is initialised (``megatron_parallel_plan``).
     Sequence parallelism is not supported (S2MoE takes its input replicated over TP).
     ``layer_cls``: ``S2MoELayer`` by default; ``s2moe_dist.S2MoE`` (a ``deepspeed.moe.layer.MoE``)
     when the model is trained with DeepSpeed's engine.
@@ -99,11 +116,11 @@ class S2MoEMLP(MegatronModule):
         if getattr(config, "sequence_parallel", False):
             raise ValueError("TransformerConfig.sequence_parallel=True is invalid with the S2MoE MLP: S2MoE takes "
                              "its input replicated over tensor-parallel ranks; set sequence_parallel=False")
-        if parallel_state.model_parallel_is_initialized():
-            use_megatron_parallel_state()
         if layer_cls is None:
             from ..moe.layer import S2MoELayer as layer_cls
-        self.moe = layer_cls(config=_moe_config(moe_config, config))
+        cfg = _moe_config(moe_config, config)
+        plan = megatron_parallel_plan(cfg) if parallel_state.model_parallel_is_initialized() else None
+        self.moe = layer_cls(config=cfg, plan=plan)
         # this adapter (or the caller's s2moe_aux_loss, attach_aux_loss=False) carries beta * L_u, with
         # Megatron's loss scale: the layer must not attach it a second time
         self.moe.attach_uncertainty_grad = False

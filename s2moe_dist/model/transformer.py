@@ -46,7 +46,12 @@ class MoEFFN(nn.Module):
     def __init__(self, config: ModelConfig, layer_config: S2MoEConfig, layer_cls: Type[S2MoELayer]):
         super().__init__()
         # each layer its own copy: one layer's config edits (e.g. eval_k) stay in that layer
-        self.moe = layer_cls(config=copy.copy(layer_config))
+        layer_config = copy.copy(layer_config)
+        plan = None
+        if config.tp_size > 1:  # the TP group train.distributed.init_model_parallel registered
+            from ..parallel.plan import ParallelPlan
+            plan = ParallelPlan.from_registered_groups(layer_config, owner="model.moe")
+        self.moe = layer_cls(config=layer_config, plan=plan)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

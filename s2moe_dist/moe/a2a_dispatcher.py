@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..parallel.all_to_all import all_to_all, exchange_counts
-from .dispatcher import combine, gather_tokens, inverse_permutation, permute_rows, sort_slots
+from .dispatcher import Dispatcher, combine, gather_tokens, inverse_permutation, permute_rows, sort_slots
 
 
 def source_to_expert_order(recv_counts: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
@@ -35,7 +35,10 @@ def source_to_expert_order(recv_counts: torch.Tensor, total: Optional[int] = Non
     return torch.argsort(key, stable=True)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
+    """Experts split over the ranks of ``group`` (None: the default EP group of ``ep_size``, made on
+    first use; layers pass their plan's, ``build_dispatcher``)."""
+
     def __init__(self, num_experts: int, ep_size: int, group=None):
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")

@@ -1,7 +1,9 @@
 """Token dispatchers: (token, expert) slots -> expert-sorted rows -> experts -> weighted sum back.
 
-``LocalDispatcher`` (ep_size 1) holds all experts. The expert-parallel one lives in
-``s2moe_dist.moe.a2a_dispatcher`` and shares the permutation helpers below. Dropless: rows are
+``Dispatcher`` is the call every dispatcher implements; ``build_dispatcher(plan, num_experts)`` picks
+one from the layer's ``ParallelPlan``: ``LocalDispatcher`` (ep_size 1) holds all experts,
+``a2a_dispatcher.AllToAllDispatcher`` exchanges tokens over the EP group (and shares the
+permutation helpers below), ``tp_dispatcher.TensorParallelDispatcher`` wraps either under TP. Dropless: rows are
 sorted by expert and run with variable group sizes; nothing is padded to a capacity and no
 [tokens, experts, capacity] one-hot tensor exists.
 
@@ -14,11 +16,26 @@ general index_select / index_add path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
 from .router import expert_counts
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Runs the experts on the tokens routed to them, wherever the experts live.
+
+    ``tokens`` [N, d], ``dispatch_idx`` [N, k] global expert of each slot (-1: dropped), ``weights``
+    [N, k], ``experts(rows, counts)`` the local experts; ``num_dropped``: the routing's count of -1
+    slots (the int 0 when dropless: no host read needed). Returns ``(out [N, d], counts [E])``:
+    the weighted sum of each token's expert outputs, and the kept slots per global expert."""
+    num_experts: int
+
+    def __call__(self, tokens: torch.Tensor, dispatch_idx: torch.Tensor, weights: torch.Tensor, experts,
+                 num_dropped=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        ...
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -159,7 +176,7 @@ def combine(expert_out: torch.Tensor, slots: SortedSlots, num_tokens: int) -> to
     return out.index_add(0, slots.token_idx, weighted)
 
 
-class LocalDispatcher:
+class LocalDispatcher(Dispatcher):
     """All experts on this process."""
 
     def __init__(self, num_experts: int):
@@ -170,3 +187,17 @@ class LocalDispatcher:
         slots = sort_slots(dispatch_idx, weights, self.num_experts, num_dropped)
         expert_out = experts(gather_tokens(tokens, slots), slots.counts)
         return combine(expert_out, slots, tokens.shape[0]), slots.counts
+
+
+def build_dispatcher(plan, num_experts: int) -> Dispatcher:
+    """The dispatcher of a layer laid out by ``plan`` (a ``parallel.plan.ParallelPlan``). Makes the
+    plan's default EP group if it has none (collective: call it where every rank does)."""
+    if plan.ep_size == 1:
+        inner: Dispatcher = LocalDispatcher(num_experts)
+    else:
+        from .a2a_dispatcher import AllToAllDispatcher  # imports this module
+        inner = AllToAllDispatcher(num_experts, plan.ep_size, group=plan.dispatch_group())
+    if not plan.tensor_parallel:
+        return inner
+    from .tp_dispatcher import TensorParallelDispatcher
+    return TensorParallelDispatcher(inner, plan.tp_group, plan.shard_experts)

@@ -8,6 +8,7 @@ Both streams are routed, their (token, expert) slots sorted together and dispatc
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any, Mapping, Optional, Tuple
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from ..config import S2MoEConfig
 from ..deepspeed_args import DEEPSPEED_DEFAULTS, layer_config_from_args  # noqa: F401 (re-export)
-from .dispatcher import LocalDispatcher
+from ..parallel.plan import ParallelPlan, make_parallel_plan
+from .dispatcher import Dispatcher, build_dispatcher
 from .experts import ExpertBank, ModuleExperts
 from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
 from .mix import gated_mix
@@ -27,7 +29,7 @@ from .aux_grad import attach_aux_grad
 from .residual import ResidualMLP, residual_mix
 from .stats import RoutingStats
 from .stream_balance import two_stream_balance_loss
-from .tp_dispatcher import tensor_parallel_plan
+from .layer_plan import check_plan, default_plan
 
 # DeepSpeed's call conventions (positional order, its defaults with an expert module) are
 # translated by s2moe_dist/deepspeed_args.py; these names are re-exported for existing imports.
@@ -35,19 +37,9 @@ build_config = layer_config_from_args
 
 
 def expert_parallel_rank(ep_size: int) -> int:
-    """Rank inside the (contiguous) expert-parallel block: DeepSpeed's ``ep_size_N`` groups are
-    ranks [i*ep, (i+1)*ep), so the EP rank is ``global_rank % ep_size`` (TP = 1)."""
-    if ep_size == 1:
-        return 0
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"S2MoEConfig.ep_size={ep_size} needs torch.distributed initialized before the "
-                         "layer is built (call deepspeed.init_distributed() or "
-                         "torch.distributed.init_process_group() first), or use ep_size=1")
-    if dist.get_world_size() % ep_size:
-        raise ValueError(f"S2MoEConfig.ep_size={ep_size} must divide the world size "
-                         f"({dist.get_world_size()})")
-    return dist.get_rank() % ep_size
+    """EP rank of a layer built without a plan and without TP (kept for existing callers): the
+    rank's block in DeepSpeed's contiguous ``ep_size_N`` groups, ``global_rank % ep_size``."""
+    return make_parallel_plan(ep_size, owner="S2MoEConfig").ep_rank
 
 
 class S2MoELayer(nn.Module):
@@ -68,17 +60,17 @@ class S2MoELayer(nn.Module):
 
     attach_uncertainty_grad: bool = True
 
-    def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
+    def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None,
+                 plan: Optional[ParallelPlan] = None, **kwargs):
         super().__init__()
         cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
         self.config = cfg
         self.num_experts = cfg.num_experts
         self.ep_size = cfg.ep_size
         self.num_local_experts = cfg.num_local_experts
-        # Megatron TP (tp_dispatcher.py): None without a registered TP group of size > 1
-        self.tp_plan = tensor_parallel_plan(cfg, user_expert=expert is not None)
-        self.ep_rank = self.tp_plan.ep_rank if self.tp_plan else expert_parallel_rank(cfg.ep_size)
-        self.first_expert = self.ep_rank * self.num_local_experts
+        # which ranks hold which experts, decided before the experts are drawn (parallel/plan.py)
+        self.plan = plan if plan is not None else default_plan(cfg)
+        check_plan(self.plan, cfg, user_expert=expert is not None)
         # router_type: topk (router.weight [E, d]) | xmoe | stablemoe; DeepSpeed's Jitter / RSample on topk
         self.router = build_router(cfg)
         if cfg.noisy_gate_policy == "RSample" and cfg.k != 1:
@@ -88,11 +80,11 @@ class S2MoELayer(nn.Module):
         if expert is not None:
             self.experts = ModuleExperts(expert, cfg.num_local_experts)
         else:
-            shard = self.tp_plan is not None and self.tp_plan.shard_experts
+            shard = self.plan.shard_experts
             self.experts = ExpertBank(cfg.num_local_experts, cfg.hidden_size, cfg.ffn_hidden_size,
                                       cfg.activation, cfg.expert_bias, first_expert=self.first_expert,
-                                      tp_size=self.tp_plan.size if shard else 1,
-                                      tp_rank=self.tp_plan.rank if shard else 0)
+                                      tp_size=self.plan.tp_size if shard else 1,
+                                      tp_rank=self.plan.tp_rank if shard else 0)
             if shard:
                 mark_tensor_parallel(self.experts)
                 self.register_load_state_dict_pre_hook(_shard_full_experts)
@@ -102,54 +94,66 @@ class S2MoELayer(nn.Module):
                 self.gate = nn.Linear(cfg.hidden_size, 1)
             self.noise = GaussianNoise(cfg.noise_mult_std, cfg.noise_add_std, cfg.noise_add_mean, cfg.noise_draws)
         if cfg.use_residual:  # PR-MoE (moe/residual.py); DeepSpeed's parameter names
-            if self.tp_plan is not None:
+            if self.plan.tensor_parallel:
                 raise ValueError("S2MoEConfig.use_residual=True is invalid with tensor-parallel S2MoE layers (the "
                                  "residual MLP is not split over TP); set use_residual=False or build without TP")
             self.mlp = expert if expert is not None else ResidualMLP(
                 cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation, cfg.expert_bias)
             self.coefficient = nn.Linear(cfg.hidden_size, 2)
-        self._dispatcher = None
+        self._dispatcher: Optional[Dispatcher] = None  # built from the plan at first use (build_dispatcher)
+        self._own_dispatcher = False  # installed by set_dispatcher: kept when the plan changes
         self._routed_idx = (None, None)  # [T, k] chosen experts of each stream, last forward
         self.l_aux = torch.zeros(())
         self.uncertainty_loss = torch.zeros(())
         self.stats: Optional[RoutingStats] = None  # routing statistics of the last forward
         self.eval_k_override: Optional[int] = None  # set by train.evaluate.eval_k_set only
 
-    def set_expert_parallel_rank(self, ep_rank: int) -> None:
-        """Hold the experts of expert-parallel rank ``ep_rank``. DeepSpeed's D+E layout
-        (use_data_before_expert_parallelism) places ranks otherwise than ``rank % ep_size``, which
-        the layer assumed when it was built: the built-in bank is redrawn for the new global ids
-        from the same seed, so the same seed still gives the same experts whatever the layout."""
-        self.ep_rank = ep_rank
-        self.first_expert = ep_rank * self.num_local_experts
+    @property
+    def ep_rank(self) -> int:
+        return self.plan.ep_rank
+
+    @property
+    def first_expert(self) -> int:
+        """Global id of this rank's first expert."""
+        return self.plan.first_expert(self.num_local_experts)
+
+    @property
+    def tp_plan(self) -> Optional[ParallelPlan]:
+        """The plan when the layer is tensor-parallel, else None (kept for existing callers)."""
+        return self.plan if self.plan.tensor_parallel else None
+
+    def set_parallel_plan(self, plan: ParallelPlan) -> None:
+        """Move the layer onto ``plan`` (DeepSpeed's groups, once ``deepspeed.initialize`` made them).
+        The TP layout is fixed when the experts are built; a new EP rank redraws the built-in bank for
+        its global ids from the same seed (refused once the weights changed), so the same seed gives
+        the same experts whatever the layout."""
+        check_plan(plan, self.config, user_expert=not isinstance(self.experts, ExpertBank))
+        if (plan.tp_size, plan.tp_rank) != (self.plan.tp_size, self.plan.tp_rank):
+            raise ValueError(f"S2MoELayer.set_parallel_plan: the plan has TP size {plan.tp_size} (rank "
+                             f"{plan.tp_rank}), the layer's experts were built for TP size {self.plan.tp_size} "
+                             f"(rank {self.plan.tp_rank}); build the layer with plan=... instead")
         if isinstance(self.experts, ExpertBank):
-            self.experts.move_to_experts(self.first_expert)
+            self.experts.move_to_experts(plan.first_expert(self.num_local_experts))
+        self.plan = plan
+        if not self._own_dispatcher:
+            self._dispatcher = None
+
+    def set_expert_parallel_rank(self, ep_rank: int) -> None:
+        """Hold the experts of expert-parallel rank ``ep_rank`` (``set_parallel_plan`` with that rank)."""
+        self.set_parallel_plan(dataclasses.replace(self.plan, ep_rank=ep_rank))
 
     # ---- dispatch -------------------------------------------------------------------------
     @property
-    def dispatcher(self):
+    def dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
-            if self.tp_plan is not None:
-                self._dispatcher = self.tp_plan.dispatcher(self.num_experts, self.ep_size)
-            elif self.ep_size == 1:
-                self._dispatcher = LocalDispatcher(self.num_experts)
-            else:
-                from .a2a_dispatcher import AllToAllDispatcher
-                self._dispatcher = AllToAllDispatcher(self.num_experts, self.ep_size)
+            self._dispatcher = build_dispatcher(self.plan, self.num_experts)
         return self._dispatcher
 
-    def set_dispatcher(self, dispatcher) -> None:
-        """Integrations (DeepSpeed groups, Megatron TP) install their own dispatcher here; it is
-        called as ``dispatcher(tokens, dispatch_idx, weights, experts, num_dropped=...)`` with the
-        routing's dropped-slot count (the int 0 when dropless: no host read needed)."""
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Install a dispatcher of one's own (any ``moe.dispatcher.Dispatcher``), kept when the plan
+        changes. Groups go in through ``plan=`` / ``set_parallel_plan`` instead."""
         self._dispatcher = dispatcher
-
-    def dispatcher_for(self, ep_group):
-        """The dispatcher for ``ep_group`` (e.g. DeepSpeed's), wrapped for TP if the layer is TP."""
-        if self.tp_plan is not None:
-            return self.tp_plan.dispatcher(self.num_experts, self.ep_size, ep_group=ep_group)
-        from .a2a_dispatcher import AllToAllDispatcher
-        return AllToAllDispatcher(self.num_experts, self.ep_size, group=ep_group)
+        self._own_dispatcher = True
 
     # ---- forward --------------------------------------------------------------------------
     def _route(self, x: torch.Tensor, k: int) -> Routing:

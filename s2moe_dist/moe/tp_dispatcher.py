@@ -9,8 +9,8 @@ replicated residual stream relies on that; no broadcast is needed). Then
 
 1. splits the (token, expert) rows over the TP ranks (``tensor_split`` order): each token goes
    through the EP all-to-all from ONE TP rank, not from all of them;
-2. runs the inner dispatcher (``LocalDispatcher`` at EP=1, ``AllToAllDispatcher`` on the EP group)
-   on its share;
+2. runs the inner dispatcher (``LocalDispatcher`` at EP=1, ``AllToAllDispatcher`` on the EP group;
+   ``dispatcher.build_dispatcher`` builds both from the layer's ``ParallelPlan``) on its share;
 3. all-gathers the combined rows, so every TP rank holds the full output again.
 
 With ``enable_expert_tensor_parallelism`` each expert is split over TP (w1 column-, w2
@@ -26,75 +26,21 @@ TP rank); the final gather's is split (the gradient arriving is replicated over 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
 from ..parallel.tp_mappings import (all_gather_counts, first_rank_only, gather_rows, reduce_scatter_rows,
                                     scatter_rows, split_sizes)
-from .a2a_dispatcher import AllToAllDispatcher, source_to_expert_order
-from .dispatcher import LocalDispatcher
+from .a2a_dispatcher import source_to_expert_order
+from .dispatcher import Dispatcher
 from .router import expert_counts
 
 NO_TP_GROUP_ERROR = (
     "S2MoEConfig.enable_expert_tensor_parallelism=True is invalid here: no tensor-parallel group is "
     "registered. With Megatron, call megatron.core.parallel_state.initialize_model_parallel("
     "tensor_model_parallel_size=N) and then s2moe_dist.integrations.megatron.use_megatron_parallel_state() "
-    "before building the layer (or s2moe_dist.parallel.tensor_parallel.set_tensor_parallel_group(group)); "
-    "without tensor parallelism set enable_expert_tensor_parallelism=False")
-
-
-@dataclass
-class TensorParallelPlan:
-    """How one layer is laid out over TP x EP (see ``tensor_parallel_plan``)."""
-    group: object        # TP process group
-    size: int
-    rank: int            # rank in the TP group
-    shard_experts: bool  # experts split over TP (enable_expert_tensor_parallelism)
-    ep_rank: int
-
-    def expert_groups(self, ep_size: int):
-        """(EP group, EDP group) of this rank, made without DeepSpeed."""
-        if self.shard_experts:
-            from ..parallel.tensor_parallel import get_expert_tp_groups
-            return get_expert_tp_groups(ep_size, self.size)
-        from ..parallel.groups import get_expert_groups
-        return get_expert_groups(ep_size)
-
-    def dispatcher(self, num_experts: int, ep_size: int, ep_group=None) -> "TensorParallelDispatcher":
-        if ep_size == 1:
-            inner = LocalDispatcher(num_experts)
-        else:
-            group = ep_group if ep_group is not None else self.expert_groups(ep_size)[0]
-            inner = AllToAllDispatcher(num_experts, ep_size, group=group)
-        return TensorParallelDispatcher(inner, self.group, self.shard_experts)
-
-
-def tensor_parallel_plan(config, user_expert: bool) -> Optional[TensorParallelPlan]:
-    """The layer's TP plan, or None without TP (no registered group, or TP size 1: a no-op even
-    with ``enable_expert_tensor_parallelism``). Validates the topology before any group is made."""
-    from ..parallel.tensor_parallel import get_tensor_parallel_group
-    from ..parallel.topology import expert_parallel_rank, validate_topology
-    group = get_tensor_parallel_group()
-    shard = bool(config.enable_expert_tensor_parallelism)
-    if group is None:
-        if shard:
-            raise ValueError(NO_TP_GROUP_ERROR)
-        return None
-    size = dist.get_world_size(group)
-    if size == 1:
-        return None
-    if shard and user_expert:
-        raise ValueError("S2MoEConfig.enable_expert_tensor_parallelism=True is invalid with a user expert module: "
-                         "S2MoE can only split its own expert bank over TP; pass expert=None (the bank: "
-                         "ffn_hidden_size, activation, expert_bias) or set enable_expert_tensor_parallelism=False")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    validate_topology(world, size, config.ep_size, config.num_experts, config.hidden_size,
-                      config.ffn_hidden_size, expert_tensor_parallel=shard)
-    return TensorParallelPlan(group=group, size=size, rank=dist.get_rank(group), shard_experts=shard,
-                              ep_rank=expert_parallel_rank(rank, size, config.ep_size, shard))
+    "before building the layer (or pass plan=s2moe_dist.parallel.plan.make_parallel_plan(ep_size, tp_group=group, "
+    "shard_experts=True)); without tensor parallelism set enable_expert_tensor_parallelism=False")
 
 
 class TensorParallelExperts:
@@ -124,7 +70,7 @@ class TensorParallelExperts:
         return reduce_scatter_rows(out.index_select(0, inverse), sizes, group)
 
 
-class TensorParallelDispatcher:
+class TensorParallelDispatcher(Dispatcher):
     """Same call as the other dispatchers: ``(tokens, dispatch_idx, weights, experts) -> (out, counts)``;
     ``tokens`` [N, d] and the routing are replicated over the TP group, ``out`` is too."""
 
