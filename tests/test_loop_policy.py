@@ -178,3 +178,21 @@ def test_faults_are_injected_from_the_trainer_only():
                     if re.search(r"(from|import)\s+[.\w]*faults\b|FaultInjector|\bfaults\.", f.read()):
                         users.append(os.path.relpath(path, ROOT))
     assert users == [os.path.join("s2moe_dist", "train", "trainer.py")]
+
+
+def test_the_trainer_declares_every_attribute_in_init_and_never_probes_itself():
+    import ast
+
+    with open(os.path.join(ROOT, "s2moe_dist", "train", "trainer.py")) as f:
+        source = f.read()
+    (trainer,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+
+    def assigned(fn):
+        return {t.attr for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    methods = [n for n in trainer.body if isinstance(n, ast.FunctionDef)]
+    declared = assigned(next(m for m in methods if m.name == "__init__"))
+    later = set().union(*(assigned(m) for m in methods if m.name != "__init__"))
+    assert later - declared == set(), "attributes first set outside __init__"
+    assert not re.search(r"(getattr|hasattr)\(self\b", ast.get_source_segment(source, trainer))
