@@ -37,6 +37,7 @@ from deepspeed.utils import groups as ds_groups
 from ..moe.a2a_dispatcher import AllToAllDispatcher
 from ..moe.tp_dispatcher import TensorParallelDispatcher
 from ..moe.layer import S2MoELayer
+from ..deepspeed_args import layer_config_from_args
 from .ds_checkpoint import split_expert_state, stack_expert_state
 
 ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
@@ -95,7 +96,9 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     (which accepts ``MoE``'s arguments too); see the module docstring for what changes."""
 
     def __init__(self, hidden_size=None, *args, config=None, **kwargs):
-        super().__init__(hidden_size, *args, config=config, **kwargs)
+        # deepspeed.moe.layer.MoE's call (positional order, its defaults) -> S2MoEConfig + expert module
+        cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
+        super().__init__(config=cfg, expert=expert)
         self.expert_group_name = f"ep_size_{self.ep_size}"
         self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism

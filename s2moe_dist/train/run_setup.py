@@ -80,7 +80,8 @@ def check_resumable(ckpt_dir: str, tag: str, run: RunConfig, world_size: int) ->
     diffs = []
     for key in sorted(set(saved) | set(mine)):
         if key == "moe":
-            a, b = dict(saved.get("moe", {})), dict(mine.get("moe", {}))
+            from ..model.config import saved_moe_fields  # an older checkpoint: left-out fields take defaults
+            a, b = saved_moe_fields(saved), dict(mine.get("moe", {}))
             a.pop("ep_size", None), b.pop("ep_size", None)  # EP size may change (re-sharded on load)
             diffs += [f"model.moe.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

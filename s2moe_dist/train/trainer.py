@@ -132,7 +132,7 @@ class Trainer:
     def _build_engine(self) -> None:
         import deepspeed
 
-        from ..integrations.deepspeed import s2moe_param_groups
+        from ..integrations.deepspeed import DeepSpeedS2MoE, s2moe_param_groups
         from ..model import CharLM
 
         cfg, model_config = self.train_config, self.run_config.model
@@ -140,7 +140,7 @@ class Trainer:
         layout = init_model_parallel(model_config.tp_size)
         self.dp_rank, self.dp_size = layout.dp_rank, layout.dp_size
         torch.manual_seed(cfg.seed)  # identical dense weights on every rank; experts: per global id
-        model = CharLM(model_config)
+        model = CharLM(model_config, moe_layer_cls=DeepSpeedS2MoE)  # the MoE class DeepSpeed's engine must see
         self.micro_batch = cfg.micro_batch_size(self.world, model_config.tp_size)
         groups = s2moe_param_groups(model, weight_decay=cfg.weight_decay)
         kwargs = {}
