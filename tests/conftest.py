@@ -50,6 +50,7 @@ TEST_KINDS = {
     "test_layer_grads.py": "unit",
     "test_layer_reference.py": "unit",
     "test_lint.py": "unit",
+    "test_loop_policy.py": "unit",
     "test_megatron_deepspeed.py": "distributed",
     "test_megatron_deepspeed_plugin.py": "system",
     "test_megatron_integration.py": "distributed",

@@ -240,8 +240,6 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
     Raises ``CheckpointError`` (the previous checkpoint untouched) when the files cannot be written."""
     import torch.distributed as dist
 
-    from . import faults
-
     world = dist.get_world_size()
     tag = tag_for(step)
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -269,8 +267,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: Dict[str, Any], keep: i
         err.agreed = True  # every rank raises it here
         raise err
     try:
-        with faults.CheckpointWriteFaults(engine, step, rank):
-            engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     except Exception as e:  # disk full inside torch.save reads "RuntimeError: ... unexpected pos"
         raise CheckpointError(f"rank {rank}: writing checkpoint {tag_dir} failed ({type(e).__name__}: "
                               f"{str(e).strip()}; {free_space(ckpt_dir)}); {kept}; {fix}") from e

@@ -7,7 +7,14 @@ the training step's one flags all-reduce), so a signal that reached one rank is 
 from __future__ import annotations
 
 import signal
-from typing import Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple
+
+
+class AgreedSignals(NamedTuple):
+    """The signal flags OR-ed over ranks: ``checkpoint`` (SIGUSR1 or SIGTERM seen by some rank
+    since the last decision), ``exit`` (SIGTERM seen by some rank)."""
+    checkpoint: bool
+    exit: bool
 
 
 class SignalFlags:
@@ -50,14 +57,14 @@ class SignalFlags:
         seen = self.requests
         return seen, (float(seen > self.acted), float(self.exit))
 
-    def settle(self, seen: int, summed: Sequence[float]) -> Tuple[bool, bool]:
+    def settle(self, seen: int, summed: Sequence[float]) -> AgreedSignals:
         """(checkpoint, exit) from the flags summed over ranks; the requests seen are marked handled
         (a signal that arrived during the all-reduce counts at the next step)."""
         self.leaving = self.leaving or summed[1] > 0  # another rank's SIGTERM: this one's may come late
         self.acted = seen
-        return summed[0] > 0, summed[1] > 0
+        return AgreedSignals(summed[0] > 0, summed[1] > 0)
 
-    def agreed(self, device=None) -> Tuple[bool, bool]:
+    def agreed(self, device=None) -> AgreedSignals:
         """(checkpoint, exit) OR-ed over all ranks (collective, its own all-reduce); the checkpoint
         requests seen are marked handled."""
         import torch
