@@ -37,7 +37,8 @@ from deepspeed.utils import groups as ds_groups
 from ..moe.a2a_dispatcher import AllToAllDispatcher
 from ..moe.tp_dispatcher import TensorParallelDispatcher
 from ..moe.layer import S2MoELayer
-from .ds_checkpoint import split_expert_state, stack_expert_state
+from ..checkpoint.keys import is_bank_bias
+from ..checkpoint.state_dict import split_expert_state, stack_expert_state
 
 ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
                "S2MoE is to the engine, is not supported under ZeRO stage 3 (the engine refuses MoE layers "
@@ -243,7 +244,7 @@ def check_engine(engine) -> None:
     opt = engine.client_optimizer
     if isinstance(opt, torch.optim.Optimizer) and engine_wraps_optimizer(engine):
         check_param_groups(opt.param_groups)
-    from .reshard import install_ep_aware_checkpoint_loading
+    from ..checkpoint.live import install_ep_aware_checkpoint_loading
     install_ep_aware_checkpoint_loading(engine)
     install_aux_grad_scaling(engine)
     if engine.zero_optimization_stage() == 0:
@@ -287,7 +288,7 @@ def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith("bias") or name.endswith(("experts.b1", "experts.b2"))
+    return p.ndim <= 1 or name.endswith("bias") or is_bank_bias(name)
 
 
 def s2moe_param_groups(model: nn.Module, weight_decay: float = 0.0, **options) -> List[Dict[str, Any]]:
