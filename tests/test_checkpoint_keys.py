@@ -82,6 +82,7 @@ def test_deepspeed_file_names_with_tp_ranks():
 def test_the_expert_word_is_hidden_from_deepspeed_and_restored():
     assert keys.hide_expert_word("router.expert_embeddings") == "router.Expert_embeddings"
     assert keys.unhide_expert_word("router.Expert_embeddings") == "router.expert_embeddings"
+    assert keys.has_hidden_expert_word("router.Expert_centroids") and not keys.has_hidden_expert_word("router.weight")
 
 
 @pytest.mark.parametrize("name, message", [
@@ -91,7 +92,8 @@ def test_the_expert_word_is_hidden_from_deepspeed_and_restored():
     (f"{L}deepspeed_moe.experts.deepspeed_experts.3",
      "expert key 'blocks.1.ffn.moe.deepspeed_moe.experts.deepspeed_experts.3' is malformed"),
     (f"{L}experts.experts.w1",
-     "expert key 'blocks.1.ffn.moe.experts.experts.w1' is malformed: expected <layer>.experts.experts.<local id>.<path>"),
+     "expert key 'blocks.1.ffn.moe.experts.experts.w1' is malformed: expected "
+     "<layer>.experts.experts.<local id>.<path>"),
     (f"{L}experts.experts.2", "expert key 'blocks.1.ffn.moe.experts.experts.2' is malformed"),
 ])
 def test_malformed_expert_keys_are_errors_that_name_the_key_and_the_form(name, message):

@@ -160,6 +160,10 @@ def unhide_expert_word(rel_key: str) -> str:
     return rel_key.replace("Expert", "expert")
 
 
+def has_hidden_expert_word(rel_key: str) -> bool:
+    return "Expert" in rel_key
+
+
 # ---- DeepSpeed file names ------------------------------------------------------------------------
 class ExpertFile(NamedTuple):
     layer: int  # MoE layer index (DeepSpeed's count of MoE layers)

@@ -73,7 +73,7 @@ def stack_expert_state(module, state_dict, prefix, local_metadata, strict, missi
     """``load_state_dict`` pre-hook: DeepSpeed's per-expert keys (or a full-size batched bank) ->
     this layer's batched bank of local experts."""
     is_bank = isinstance(module.experts, ExpertBank)
-    for key in [k for k in state_dict if k.startswith(prefix) and "Expert" in k[len(prefix):]]:
+    for key in [k for k in state_dict if k.startswith(prefix) and keys.has_hidden_expert_word(k[len(prefix):])]:
         state_dict[prefix + keys.unhide_expert_word(key[len(prefix):])] = state_dict.pop(key)
     try:
         per_expert: Dict[str, Dict[int, torch.Tensor]] = defaultdict(dict)

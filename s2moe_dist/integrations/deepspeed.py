@@ -16,8 +16,9 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
   optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
   under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
   once (0.19.8's ``clip_grad_norm_`` AVERAGES the per-rank norms, which is wrong under EP).
-- Checkpoints: see ``ds_checkpoint.py`` (state-dict hooks) and ``reshard.py`` (change of EP size;
-  ``engine.load_checkpoint`` of an engine holding S2MoE layers is replaced by its EP-aware version).
+- Checkpoints: see ``s2moe_dist.checkpoint`` (``state_dict.py``: state-dict hooks; ``live.py``: change
+  of EP size, ``engine.load_checkpoint`` of an engine holding S2MoE layers is replaced by its EP-aware
+  version).
 """
 from __future__ import annotations
 
