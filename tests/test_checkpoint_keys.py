@@ -106,3 +106,21 @@ def test_malformed_expert_keys_are_errors_that_name_the_key_and_the_form(name, m
 def test_malformed_group_name_is_an_error():
     with pytest.raises(ExpertKeyError, match="expert param group name 'experts' is malformed: expected ep_size_<n>"):
         keys.parse_ep_group_name("experts")
+
+
+def test_a_deepspeed_trained_single_linear_expert_loads_into_the_pure_layer():
+    """A user expert module whose parameters sit at its top (nn.Linear: ``weight``, ``bias``) is a
+    module expert, not a bank tensor: ``batched_expert_state_dict`` keeps one module per expert."""
+    import torch
+    from torch import nn
+
+    from s2moe_dist import S2MoE, S2MoELayer
+    from s2moe_dist.checkpoint.state_dict import batched_expert_state_dict
+    torch.manual_seed(0)
+    a = S2MoE(8, nn.Linear(8, 8), num_experts=2, k=1)
+    sd = batched_expert_state_dict(a.state_dict())
+    assert "experts.experts.1.weight" in sd and "experts.weight" not in sd
+    b = S2MoELayer(8, nn.Linear(8, 8), num_experts=2, k=1)
+    b.load_state_dict(sd)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
