@@ -38,6 +38,8 @@ RULES: List[Rule] = [
          allowed=("s2moe_dist.checkpoint.keys",)),
     Rule(("checkpoint.keys",), ("s2moe_dist", "torch", "deepspeed", "megatron"),
          "the expert key scheme is pure naming (moe imports it): no torch, DeepSpeed or package imports"),
+    Rule(("checkpoint.__init__",), ("s2moe_dist", "torch", "deepspeed", "megatron"),
+         "importing checkpoint.keys runs the package __init__: it imports nothing"),
     Rule(("integrations", "model", "data", "config", "_lazy", "__init__", "checkpoint"),
          ("s2moe_dist.train", "s2moe_dist.cli"),
          "train and cli sit on top: nothing below them imports them"),
@@ -155,6 +157,9 @@ def test_the_checkpoint_package_rules():
         "(moe imports it): no torch, DeepSpeed or package imports",
         "s2moe_dist/checkpoint/keys.py:3 imports s2moe_dist.moe: the expert key scheme is pure naming "
         "(moe imports it): no torch, DeepSpeed or package imports"]
+    assert violations("import torch\n", PACKAGE / "checkpoint" / "__init__.py") == [
+        "s2moe_dist/checkpoint/__init__.py:1 imports torch: importing checkpoint.keys runs the package __init__: "
+        "it imports nothing"]
     assert violations("import torch\nfrom ..moe import tp_shards\n", PACKAGE / "checkpoint" / "live.py") == []
     assert violations("from ..train import faults\n", PACKAGE / "checkpoint" / "live.py") == [
         "s2moe_dist/checkpoint/live.py:1 imports s2moe_dist.train: train and cli sit on top: nothing below "
