@@ -201,7 +201,8 @@ def _bench(rank, world, opts):
 
     # slots per rank each contestant's experts process (T tokens per rank, balanced routing)
     train_slots = {"ds_top2": 2 * T, "ds_top2_dropless": 2 * T, "s2moe_top1": 2 * T, "s2moe_top2": 4 * T,
-                   "smoe_top2": 2 * T, "s2moe_top1_no_noise": 2 * T, "s2moe_top1_one_draw": 2 * T, "naive_top1": 2 * T, "naive_top2": 4 * T}
+                   "smoe_top2": 2 * T, "s2moe_top1_no_noise": 2 * T, "s2moe_top1_one_draw": 2 * T,
+                   "naive_top1": 2 * T, "naive_top2": 4 * T}
     infer_slots = {"ds_top2": 2 * T, "s2moe_eval_k1": T, "s2moe_eval_k2": 2 * T}
     modes = {
         "train": ({n: train_step(m.train(), x, grad_out) for n, m in layers.items()},

@@ -58,7 +58,8 @@ def build_engine(opts, moe_type, world):
     run = load_run_config(os.path.join(ROOT, opts["config"]), sets, None)
     ds_config = build_ds_config(opts["deepspeed"], run.train, world, device="cpu")
     torch.manual_seed(0)
-    model = CharLM(run.model)
+    from s2moe_dist.integrations.deepspeed import DeepSpeedS2MoE
+    model = CharLM(run.model, moe_layer_cls=DeepSpeedS2MoE)
     groups = s2moe_param_groups(model, weight_decay=run.train.weight_decay)
     kwargs = ({"model_parameters": groups} if "optimizer" in ds_config else
               {"optimizer": torch.optim.AdamW(groups, lr=run.train.lr, betas=(run.train.beta1, run.train.beta2))})

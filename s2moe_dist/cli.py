@@ -193,7 +193,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, eval_k: Opt
         raise ValueError(f"--data {path!r}: {corpus.kind} has {corpus.vocab_size} symbols, the model was trained "
                          f"with vocab_size={run.model.vocab_size}")
     ks = eval_k or list(run.train.eval_k)
-    n_exp = run.model.moe_config().num_experts
+    n_exp = run.model.moe.num_experts
     bad = [k for k in ks if not 1 <= k <= n_exp]
     if bad:
         raise ValueError(f"--eval-k {bad} is invalid: each value must be in [1, num_experts={n_exp}]")

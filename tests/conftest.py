@@ -42,6 +42,7 @@ TEST_KINDS = {
     "test_gpu_check.py": "system",
     "test_gpu_configs.py": "unit",
     "test_import_rule.py": "unit",
+    "test_interfaces.py": "unit",
     "test_infonce.py": "unit",
     "test_launch_checks.py": "system",
     "test_layer_api.py": "unit",

@@ -40,6 +40,7 @@ from ..moe.tp_dispatcher import TensorParallelDispatcher
 from ..moe.layer import S2MoELayer
 from ..checkpoint.keys import is_bank_bias
 from ..checkpoint.state_dict import split_expert_state, stack_expert_state
+from ..deepspeed_args import layer_config_from_args
 
 ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
                "S2MoE is to the engine, is not supported under ZeRO stage 3 (the engine refuses MoE layers "
@@ -97,7 +98,9 @@ class DeepSpeedS2MoE(S2MoELayer, _MoEType):
     (which accepts ``MoE``'s arguments too); see the module docstring for what changes."""
 
     def __init__(self, hidden_size=None, *args, config=None, **kwargs):
-        super().__init__(hidden_size, *args, config=config, **kwargs)
+        # deepspeed.moe.layer.MoE's call (positional order, its defaults) -> S2MoEConfig + expert module
+        cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
+        super().__init__(config=cfg, expert=expert)
         self.expert_group_name = f"ep_size_{self.ep_size}"
         self.use_residual = self.config.use_residual  # PR-MoE: self.mlp / self.coefficient are dense
         self.enable_expert_tensor_parallelism = self.config.enable_expert_tensor_parallelism

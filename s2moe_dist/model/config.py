@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..config import S2MoEConfig, check_choice, check_float, check_int, config_error, from_mapping
 
@@ -21,9 +21,11 @@ def check_bool(owner: str, name: str, value: Any) -> None:
 class ModelConfig:
     """Decoder-only character LM: pre-LN blocks, causal attention, S2MoE FFN every ``moe_every``.
 
-    ``moe`` holds the S2MoE layer's fields (``S2MoEConfig`` without ``hidden_size``, which is
-    ``d_model``), e.g. ``{num_experts: 16, k: 2, ffn_hidden_size: 512, moe_type: smoe}``.
-    The ``model:`` table in docs/training.md is generated from the attribute list below.
+    ``moe`` is the S2MoE layer's ``S2MoEConfig`` (``hidden_size = d_model``), built and validated
+    once, when the config is: given as a mapping of its fields without ``hidden_size`` (the YAML
+    section, e.g. ``{num_experts: 16, k: 2, ffn_hidden_size: 512, moe_type: smoe}``) or as an
+    ``S2MoEConfig``; its errors name ``model.moe.<field>``. ``to_dict()`` writes it back as such
+    a mapping. The ``model:`` table in docs/training.md is generated from the attribute list below.
 
     Attributes:
         vocab_size: Vocabulary size; ``None``: taken from the data set when the model is built.
@@ -39,7 +41,8 @@ class ModelConfig:
         tie_embeddings: LM head shares the embedding matrix.
         moe_every: Block i has an S2MoE FFN when ``(i + 1) % moe_every == 0``, a dense MLP
             otherwise; 0: no MoE.
-        moe: The S2MoE layer's fields (docs/layer.md#config-reference), without ``hidden_size``.
+        moe: The S2MoE layer's config (docs/layer.md#config-reference); in YAML its fields
+            without ``hidden_size``.
         tp_size: Megatron tensor parallelism of attention and dense MLPs (world = TP x DP).
     """
 
@@ -55,7 +58,7 @@ class ModelConfig:
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     moe_every: int = 1  # block i has an S2MoE FFN when (i + 1) % moe_every == 0; 0: no MoE
-    moe: Dict[str, Any] = field(default_factory=dict)
+    moe: S2MoEConfig = field(default_factory=dict)  # a mapping of its fields is converted on validation
     tp_size: int = 1  # Megatron tensor parallelism of attention and dense MLPs (world = TP x DP)
 
     def __post_init__(self) -> None:
@@ -88,13 +91,24 @@ class ModelConfig:
         check_float(o, "rotary_base", self.rotary_base, strict=True)
         check_bool(o, "tie_embeddings", self.tie_embeddings)
         check_int(o, "moe_every", self.moe_every, 0)
-        if not isinstance(self.moe, dict):
-            raise config_error(o, "moe", self.moe, "must be a mapping of S2MoEConfig fields")
-        if "hidden_size" in self.moe:
-            raise config_error(o, "moe.hidden_size", self.moe["hidden_size"],
+        self.moe = self._layer_config(self.moe)  # validated now, before anything is built
+        self._validate_tensor_parallel(self.moe)
+
+    def _layer_config(self, moe) -> S2MoEConfig:
+        """``moe`` (a mapping of S2MoEConfig fields, or an S2MoEConfig) as the validated layer config."""
+        owner = f"{OWNER}.moe"
+        if isinstance(moe, S2MoEConfig):
+            if moe.hidden_size != self.d_model:
+                raise config_error(owner, "hidden_size", moe.hidden_size,
+                                   f"is set by model.d_model ({self.d_model}); build it with hidden_size=d_model")
+            moe.validate(owner)
+            return moe
+        if not isinstance(moe, Mapping):
+            raise config_error(OWNER, "moe", moe, "must be a mapping of S2MoEConfig fields")
+        if "hidden_size" in moe:
+            raise config_error(owner, "hidden_size", moe["hidden_size"],
                                "is set by model.d_model; remove it from model.moe")
-        moe = self.moe_config()  # validates the layer's fields now, before anything is built
-        self._validate_tensor_parallel(moe)
+        return S2MoEConfig.from_dict(moe, owner, hidden_size=self.d_model)
 
     def _validate_tensor_parallel(self, moe: S2MoEConfig) -> None:
         """Shapes that must split over ``tp_size`` (the world-size checks are the trainer's)."""
@@ -132,19 +146,26 @@ class ModelConfig:
         return [i for i in range(self.n_layers) if self.is_moe_block(i)]
 
     def moe_config(self, **overrides) -> S2MoEConfig:
-        """The S2MoE layer config of this model (``hidden_size = d_model``)."""
-        fields = {**self.moe, **overrides}
-        try:
-            return from_mapping(S2MoEConfig, {"hidden_size": self.d_model, **fields}, "S2MoEConfig")
-        except TypeError as e:  # a missing/odd argument from the dataclass itself
-            raise ValueError(f"model.moe: {e}") from None
-        except ValueError as e:  # "S2MoEConfig.k=0 ..." -> "model.moe.k=0 ..."
-            msg = str(e).replace("S2MoEConfig.", "model.moe.").replace("S2MoEConfig:", "model.moe:")
-            raise ValueError(msg if msg.startswith("model.moe") else f"model.moe: {msg}") from None
+        """``self.moe``, or a copy with ``overrides`` (validated, errors naming ``model.moe``).
+        Kept for callers of the former dict-valued ``moe``; read ``self.moe`` instead."""
+        return dataclasses.replace(self.moe, owner=f"{OWNER}.moe", **overrides) if overrides else self.moe
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (the run's config.yaml / checkpoint form): ``moe`` without ``hidden_size``."""
+        out = dataclasses.asdict(self)
+        out["moe"].pop("hidden_size", None)
+        return out
 
 
 def model_config_from_dict(data) -> ModelConfig:
     return from_mapping(ModelConfig, data, OWNER)
+
+
+def saved_moe_fields(model: Mapping[str, Any]) -> Dict[str, Any]:
+    """The full ``moe`` fields of a saved ``model`` dict (``ModelConfig.to_dict()``, or an older
+    partial one: fields it left out take their defaults), for comparing a checkpoint's model
+    with a run's. The saved mapping as it is if it no longer validates."""
+    try:
+        return model_config_from_dict(model).to_dict()["moe"]
+    except (TypeError, ValueError):
+        return dict(model.get("moe") or {})

@@ -3,16 +3,23 @@
 Block i's FFN is an S2MoE layer when ``config.is_moe_block(i)`` (``moe_type`` s2moe or smoe,
 the same layer either way), a dense MLP otherwise. ``forward(idx)`` returns logits; the MoE
 auxiliary losses are read from the layers afterwards (``lm_loss``).
+
+The S2MoE layer class is an explicit constructor argument (``CharLM(config, moe_layer_cls=...)``),
+the pure ``S2MoELayer`` by default, so the model's state-dict keys never depend on whether
+DeepSpeed is installed; the trainer passes ``integrations.deepspeed.DeepSpeedS2MoE``, the class
+DeepSpeed's engine must see.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+import copy
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import S2MoEConfig
 from ..moe.layer import S2MoELayer
 from .attention import CausalSelfAttention, Rotary
 from .config import ModelConfig
@@ -33,15 +40,13 @@ class MLP(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """Wraps ``s2moe_dist.S2MoE`` (the DeepSpeed-visible layer when DeepSpeed is installed)
-    to return just the hidden states; the layer keeps its losses and stats for ``lm_loss``."""
+    """Wraps an S2MoE layer of class ``layer_cls`` (``S2MoELayer`` or a subclass) to return just
+    the hidden states; the layer keeps its losses and stats for ``lm_loss``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_config: S2MoEConfig, layer_cls: Type[S2MoELayer]):
         super().__init__()
-        import s2moe_dist  # the public name: DeepSpeed's MoE subclass when DeepSpeed is installed
-        # experts split over TP only when there is TP: the same config runs at model.tp_size 1
-        no_tp = {"enable_expert_tensor_parallelism": False} if config.tp_size == 1 else {}
-        self.moe = s2moe_dist.S2MoE(config=config.moe_config(**no_tp))
+        # each layer its own copy: one layer's config edits (e.g. eval_k) stay in that layer
+        self.moe = layer_cls(config=copy.copy(layer_config))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,14 +55,15 @@ class MoEFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, rotary: Optional[Rotary]):
+    def __init__(self, config: ModelConfig, index: int, rotary: Optional[Rotary],
+                 layer_config: Optional[S2MoEConfig] = None, layer_cls: Type[S2MoELayer] = S2MoELayer):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config.d_model, config.n_heads, config.dropout, rotary)
         self.ln2 = nn.LayerNorm(config.d_model)
         self.is_moe = config.is_moe_block(index)
-        self.ffn = MoEFFN(config) if self.is_moe else MLP(config.d_model, config.d_ff, config.activation,
-                                                          config.dropout)
+        self.ffn = (MoEFFN(config, layer_config, layer_cls) if self.is_moe else
+                    MLP(config.d_model, config.d_ff, config.activation, config.dropout))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +72,15 @@ class Block(nn.Module):
 
 
 class CharLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``moe_layer_cls``: the class of the S2MoE layers (``S2MoELayer`` or a subclass, e.g.
+    ``integrations.deepspeed.DeepSpeedS2MoE`` under DeepSpeed's engine); ``None``: ``S2MoELayer``."""
+
+    def __init__(self, config: ModelConfig, moe_layer_cls: Optional[Type[S2MoELayer]] = None):
         super().__init__()
+        moe_layer_cls = S2MoELayer if moe_layer_cls is None else moe_layer_cls
+        if not (isinstance(moe_layer_cls, type) and issubclass(moe_layer_cls, S2MoELayer)):
+            raise ValueError(f"CharLM(moe_layer_cls={moe_layer_cls!r}) is invalid: must be S2MoELayer or a "
+                             "subclass (e.g. s2moe_dist.integrations.deepspeed.DeepSpeedS2MoE)")
         if config.vocab_size is None:
             raise ValueError("model.vocab_size=None is invalid: set it, or let the trainer take it from "
                              "the data set before building the model")
@@ -83,7 +96,12 @@ class CharLM(nn.Module):
         rotary = (Rotary(config.head_dim, config.seq_len, config.rotary_base)
                   if config.pos_encoding == "rotary" else None)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i, rotary) for i in range(config.n_layers)])
+        # experts split over TP only when there is TP: the same config runs at model.tp_size 1
+        layer_config = config.moe
+        if config.tp_size == 1 and layer_config.enable_expert_tensor_parallelism:
+            layer_config = config.moe_config(enable_expert_tensor_parallelism=False)
+        self.blocks = nn.ModuleList([Block(config, i, rotary, layer_config, moe_layer_cls)
+                                     for i in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = make_linear(config.d_model, config.vocab_size, bias=False, parallel=None)
         self._init_weights()
@@ -106,7 +124,7 @@ class CharLM(nn.Module):
 
     def moe_layers(self) -> List[Tuple[int, S2MoELayer]]:
         """(block index, S2MoE layer) for every MoE block, in order. The pure PyTorch layer
-        (which holds ``last_stats``, ``config``), inside DeepSpeed's wrapper if there is one."""
+        (which holds ``stats``, ``config``), inside DeepSpeed's wrapper if there is one."""
         return [(i, next(m for m in b.ffn.modules() if isinstance(m, S2MoELayer)))
                 for i, b in enumerate(self.blocks) if b.is_moe]
 

@@ -8,60 +8,30 @@ Both streams are routed, their (token, expert) slots sorted together and dispatc
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import types
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import S2MoEConfig
+from ..deepspeed_args import DEEPSPEED_DEFAULTS, layer_config_from_args  # noqa: F401 (re-export)
 from .dispatcher import LocalDispatcher
 from .experts import ExpertBank, ModuleExperts
 from .infonce import infonce_accuracy, infonce_loss_stacked, infonce_pair
-from .losses import balance_loss
 from .mix import gated_mix
 from .noise import GaussianNoise
-from .router import Routing, TopKRouter
+from .router import Routing, StreamRouting
 from .router_variants import build_router
 from .aux_grad import attach_aux_grad
-from .noisy_gate import NoisyGateRouter
 from .residual import ResidualMLP, residual_mix
+from .stats import RoutingStats
 from .stream_balance import two_stream_balance_loss
 from .tp_dispatcher import tensor_parallel_plan
 
-# Positional order of deepspeed.moe.layer.MoE after hidden_size (used when arg 2 is a module).
-_DEEPSPEED_POSITIONAL = ("expert", "num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor",
-                         "min_capacity", "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts",
-                         "use_tutel", "enable_expert_tensor_parallelism", "top2_2nd_expert_sampling")
-_S2MOE_POSITIONAL = ("num_experts", "k", "ffn_hidden_size", "ep_size")
-# A DeepSpeed-style call (an expert module passed) gets deepspeed.moe.layer.MoE's defaults where
-# S2MoEConfig's differ, so swapping the import keeps the client's routing (docs/deepspeed.md).
-DEEPSPEED_DEFAULTS = {"num_experts": 1, "k": 1, "drop_tokens": True, "use_rts": True,
-                      "top2_2nd_expert_sampling": True}
-
-
-def build_config(hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
-    """Parse S2MoE's or deepspeed.moe.layer.MoE's call conventions into (config, expert module).
-
-    With an expert module (DeepSpeed's convention, positional or ``expert=``), arguments left out
-    take DeepSpeed's defaults (``DEEPSPEED_DEFAULTS``: num_experts 1, k 1, drop_tokens, use_rts and
-    top2_2nd_expert_sampling True); without one, S2MoEConfig's (16 experts, top-2, dropless)."""
-    if config is not None:
-        if args or kwargs.keys() - {"expert"}:
-            raise ValueError("S2MoE: pass either config=S2MoEConfig(...) or keyword arguments, not both")
-        return config, kwargs.get("expert")
-    names = _DEEPSPEED_POSITIONAL if args and isinstance(args[0], nn.Module) else _S2MOE_POSITIONAL
-    if len(args) > len(names):
-        raise TypeError(f"S2MoE takes at most {len(names) + 1} positional arguments")
-    for name, value in zip(names, args):
-        if name in kwargs:
-            raise TypeError(f"S2MoE got multiple values for argument {name!r}")
-        kwargs[name] = value
-    expert = kwargs.pop("expert", None)
-    if expert is not None and not isinstance(expert, nn.Module):
-        raise ValueError(f"S2MoE.expert={expert!r} is invalid: must be a torch.nn.Module or None")
-    if expert is not None:
-        kwargs = {**DEEPSPEED_DEFAULTS, **kwargs}
-    return S2MoEConfig(hidden_size=hidden_size, **kwargs), expert
+# DeepSpeed's call conventions (positional order, its defaults with an expert module) are
+# translated by s2moe_dist/deepspeed_args.py; these names are re-exported for existing imports.
+build_config = layer_config_from_args
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -100,7 +70,7 @@ class S2MoELayer(nn.Module):
 
     def __init__(self, hidden_size=None, *args, config: Optional[S2MoEConfig] = None, **kwargs):
         super().__init__()
-        cfg, expert = build_config(hidden_size, *args, config=config, **kwargs)
+        cfg, expert = layer_config_from_args(hidden_size, *args, config=config, **kwargs)
         self.config = cfg
         self.num_experts = cfg.num_experts
         self.ep_size = cfg.ep_size
@@ -110,14 +80,11 @@ class S2MoELayer(nn.Module):
         self.ep_rank = self.tp_plan.ep_rank if self.tp_plan else expert_parallel_rank(cfg.ep_size)
         self.first_expert = self.ep_rank * self.num_local_experts
         # router_type: topk (router.weight [E, d]) | xmoe | stablemoe; DeepSpeed's Jitter / RSample on topk
-        if cfg.noisy_gate_policy is None:
-            self.router = build_router(cfg)
-        else:
-            self.router = NoisyGateRouter(cfg.hidden_size, cfg.num_experts, cfg.noisy_gate_policy)
-            if cfg.noisy_gate_policy == "RSample" and cfg.k != 1:
-                import warnings
-                warnings.warn(f"S2MoE: noisy_gate_policy='RSample' acts on top-1 routing only and has no effect at "
-                              f"k={cfg.k} (as in DeepSpeed's top-2 gate)", RuntimeWarning, stacklevel=3)
+        self.router = build_router(cfg)
+        if cfg.noisy_gate_policy == "RSample" and cfg.k != 1:
+            import warnings
+            warnings.warn(f"S2MoE: noisy_gate_policy='RSample' acts on top-1 routing only and has no effect at "
+                          f"k={cfg.k} (as in DeepSpeed's top-2 gate)", RuntimeWarning, stacklevel=3)
         if expert is not None:
             self.experts = ModuleExperts(expert, cfg.num_local_experts)
         else:
@@ -145,7 +112,8 @@ class S2MoELayer(nn.Module):
         self._routed_idx = (None, None)  # [T, k] chosen experts of each stream, last forward
         self.l_aux = torch.zeros(())
         self.uncertainty_loss = torch.zeros(())
-        self.last_stats: Dict[str, Any] = {}
+        self.stats: Optional[RoutingStats] = None  # routing statistics of the last forward
+        self.eval_k_override: Optional[int] = None  # set by train.evaluate.eval_k_set only
 
     def set_expert_parallel_rank(self, ep_rank: int) -> None:
         """Hold the experts of expert-parallel rank ``ep_rank``. DeepSpeed's D+E layout
@@ -192,28 +160,35 @@ class S2MoELayer(nn.Module):
                            use_rts=cfg.use_rts and self.training,
                            second_expert_sampling=cfg.top2_2nd_expert_sampling and self.training)
 
-    def _route_two_streams(self, tokens: torch.Tensor, T: int, k: int):
-        """Routings of the clean rows ``tokens[:T]`` and the noisy rows ``tokens[T:]``, the
-        [2T, k] experts and weights to dispatch all rows with, and the joint routing of all rows
-        when one router call routed both streams (else None)."""
+    def _route_two_streams(self, tokens: torch.Tensor, T: int, k: int) -> StreamRouting:
+        """The routing of the clean rows ``tokens[:T]`` and the noisy rows ``tokens[T:]``."""
         if self.config.noisy_routing != "own":  # the noisy stream goes where its clean token goes
             r = self._route(tokens[:T], k)
-            return r, r, r.dispatch_idx.repeat(2, 1), r.weights.repeat(2, 1), None
-        if type(self.router) is TopKRouter and not self.config.drop_tokens:
-            # top-k rows route independently (no capacity): one logits GEMM, softmax and top-k for both
+            return StreamRouting(r, r, r.dispatch_idx.repeat(2, 1), r.weights.repeat(2, 1), None, shared=True)
+        if self.router.routes_streams_jointly and not self.config.drop_tokens:
+            # no capacity: rows route independently, so one router call routes both streams
             r = self._route(tokens, k)
-            return r.rows(0, T), r.rows(T, 2 * T), r.dispatch_idx, r.weights, r
+            return StreamRouting(r.rows(0, T), r.rows(T, 2 * T), r.dispatch_idx, r.weights, r, shared=False)
         r_clean, r_noisy = self._route(tokens[:T], k), self._route(tokens[T:], k)  # per-stream capacity
-        return (r_clean, r_noisy, torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx]),
-                torch.cat([r_clean.weights, r_noisy.weights]), None)
+        return StreamRouting(r_clean, r_noisy, torch.cat([r_clean.dispatch_idx, r_noisy.dispatch_idx]),
+                             torch.cat([r_clean.weights, r_noisy.weights]), None, shared=False)
 
-    def _balance(self, r: Routing) -> torch.Tensor:
-        """Switch balance loss, or the router's own (StableMoE's)."""
-        own = getattr(self.router, "balance_loss", None)
-        return own(r) if own is not None else balance_loss(r.probs, r.expert_idx, self.num_experts)
+    def _experts_per_token(self, k: Optional[int]) -> int:
+        """``k`` of this forward: the argument, else ``config.k`` in training and ``config.eval_k``
+        (or ``eval_k_set``'s value) at inference."""
+        if k is None and not self.training:
+            k = self.eval_k_override
+        if k is None:
+            return self.config.k if self.training else self.config.eval_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(f"S2MoE.forward(k={k!r}) is invalid: must be an integer in [1, num_experts="
+                             f"{self.num_experts}], or None for config.k (training) / config.eval_k (inference)")
+        return k
 
-    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None, *,
+                k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k``: experts per token of this call (e.g. inference at another k than training's);
+        None: ``config.k`` in training, ``config.eval_k`` at inference."""
         if used_token is not None:
             raise ValueError("S2MoE.forward(used_token=...) is not supported; pass used_token=None")
         cfg = self.config
@@ -223,15 +198,15 @@ class S2MoELayer(nn.Module):
                              f"hidden_size={cfg.hidden_size}")
         x = hidden_states.reshape(-1, cfg.hidden_size)
         T = x.shape[0]
-        k = cfg.k if self.training else cfg.eval_k
+        k = self._experts_per_token(k)
         two_streams = self.is_s2moe and (self.training or cfg.eval_mode == "noisy")
-        if self.training and hasattr(self.router, "step"):
+        if self.training:
             self.router.step()  # StableMoE's two-stage schedule counts training forwards
 
         if not two_streams:
             r = self._route(x, k)
             out, counts = self.dispatcher(x, r.dispatch_idx, r.weights, self.experts, num_dropped=r.num_dropped)
-            self.l_aux = self._balance(r)
+            self.l_aux = self.router.balance_loss(r)
             self.uncertainty_loss = x.new_zeros((), dtype=torch.float32)
             self._record(counts, r.num_dropped, r.expert_idx.numel(), gate=None)
             self._routed_idx = (r.expert_idx.detach(), None)
@@ -243,19 +218,21 @@ class S2MoELayer(nn.Module):
         # [2T, d]: x, then x_hat = n1 * x + n2; in training also InfoNCE's sample of the input rows
         sample = cfg.infonce_max_tokens if self.training and cfg.uncertainty_on == "input" else None
         tokens = self.noise(x, generator=gen, stacked=True, sample_tokens=sample)
-        r_clean, r_noisy, idx, w, joint = self._route_two_streams(tokens, T, k)
+        routing = self._route_two_streams(tokens, T, k)
+        r_clean, r_noisy = routing.clean, routing.noisy
         dropped = r_clean.num_dropped + r_noisy.num_dropped  # shared routing: the same slots twice
-        out, counts = self.dispatcher(tokens, idx, w, self.experts, num_dropped=dropped)  # ONE dispatch, both streams
+        out, counts = self.dispatcher(tokens, routing.dispatch_idx, routing.weights, self.experts,
+                                      num_dropped=dropped)  # ONE dispatch, both streams
         g = torch.sigmoid(self.gate(x)) if cfg.gate == "learned" else x.new_full((T, 1), 0.5)
         y = gated_mix(out, g.to(out.dtype))  # g * out[:T] + (1 - g) * out[T:]
 
-        if r_noisy is r_clean:
-            self.l_aux = self._balance(r_clean)
-        elif joint is not None:  # both streams from one top-k call: one pass, no [T, E] slices
-            self.l_aux = two_stream_balance_loss(joint.probs, joint.expert_idx, self.num_experts)
+        if routing.shared:
+            self.l_aux = self.router.balance_loss(r_clean)
+        elif routing.joint is not None:  # both streams from one top-k call: one pass, no [T, E] slices
+            self.l_aux = two_stream_balance_loss(routing.joint.probs, routing.joint.expert_idx, self.num_experts)
         else:
-            bal_clean = self._balance(r_clean)
-            self.l_aux = 0.5 * (bal_clean + self._balance(r_noisy))
+            bal_clean = self.router.balance_loss(r_clean)
+            self.l_aux = 0.5 * (bal_clean + self.router.balance_loss(r_noisy))
         if self.training:
             stacked = tokens if cfg.uncertainty_on == "input" else out  # [2T, d]: clean rows, then noisy
             z, z_hat = stacked[:T], stacked[T:]
@@ -295,15 +272,23 @@ class S2MoELayer(nn.Module):
         return torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
 
+    record_infonce_accuracy: bool = False  # RoutingStats.infonce_accuracy in training (one N x N product)
+
     def _record(self, counts, dropped, slots: int, gate=None, z=None, z_hat=None) -> None:
         """Detached per-layer statistics for logging (TensorBoard); cheap, no host sync (``dropped``,
         an int or a 0-dim tensor, stays one: the logger reads it when it logs)."""
-        stats = {"expert_counts": counts.detach(), "drop_fraction": dropped / max(1, slots)}
-        if gate is not None:
-            stats["gate_mean"] = gate.detach().float().mean()
-        if z is not None and getattr(self, "record_infonce_accuracy", False):
-            stats["infonce_accuracy"] = infonce_accuracy(z.detach(), z_hat.detach(), self.config.infonce_max_tokens)
-        self.last_stats = stats
+        accuracy = None
+        if z is not None and self.record_infonce_accuracy:
+            accuracy = infonce_accuracy(z.detach(), z_hat.detach(), self.config.infonce_max_tokens)
+        self.stats = RoutingStats(expert_counts=counts.detach(), drop_fraction=dropped / max(1, slots),
+                                  gate_mean=None if gate is None else gate.detach().float().mean(),
+                                  infonce_accuracy=accuracy)
+
+    @property
+    def last_stats(self) -> Mapping[str, Any]:
+        """``self.stats`` as a read-only mapping of the fields that are set (empty before the first
+        forward): the name logging code and tests have read the statistics by."""
+        return self.stats.as_mapping() if self.stats is not None else types.MappingProxyType({})
 
     def aux_loss(self) -> torch.Tensor:
         """alpha * L_bal + beta * L_u of the last forward (L_u's value only while its gradient is

@@ -38,6 +38,8 @@ def gumbel_like(logits: torch.Tensor) -> torch.Tensor:
 class NoisyGateRouter(TopKRouter):
     """``TopKRouter`` (same ``weight`` parameter) with DeepSpeed's noisy gate policy."""
 
+    routes_streams_jointly = False  # each stream draws its own noise, in DeepSpeed's RNG order
+
     def __init__(self, hidden_size: int, num_experts: int, policy: str):
         super().__init__(hidden_size, num_experts)
         if policy not in ("Jitter", "RSample"):

@@ -6,9 +6,10 @@ from the task loss.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,30 +82,40 @@ def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, cap: int,
     return (pos < cap).reshape(T, k)
 
 
-class TopKRouter(nn.Module):
-    """``weight``: [E, d], no bias. Logits in fp32 even under bf16 autocast."""
+class Router(nn.Module, abc.ABC):
+    """What the S2MoE layer calls on a router; every router variant implements it.
 
-    def __init__(self, hidden_size: int, num_experts: int):
+    ``forward(x, k, renormalize, *, capacity_factor, min_capacity, use_rts,
+    second_expert_sampling) -> Routing`` routes the tokens ``x`` [T, d]; ``step()`` marks the
+    start of a training forward (a no-op unless the router has a schedule, as StableMoE's
+    freeze); ``balance_loss(routing)`` is the router's balance loss (Switch's by default).
+    ``routes_streams_jointly``: both S2MoE streams may be routed by ONE call on the stacked
+    [2T, d] rows when no capacity applies (without capacity each row routes on its own); off
+    for routers whose per-stream calls must stay separate (a noise draw per stream)."""
+
+    routes_streams_jointly: bool = False
+
+    def __init__(self, num_experts: int):
         super().__init__()
         self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        bound = 1.0 / math.sqrt(hidden_size)
-        nn.init.uniform_(self.weight, -bound, bound)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
-
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, k: int, renormalize: bool, *, capacity_factor: Optional[float] = None,
                 min_capacity: int = 0, use_rts: bool = False, second_expert_sampling: bool = False) -> Routing:
-        logits = self.logits(x)
-        probs = torch.softmax(logits, dim=-1)
-        return self.route_probs(probs, logits, k, renormalize, capacity_factor=capacity_factor,
-                                min_capacity=min_capacity, use_rts=use_rts,
-                                second_expert_sampling=second_expert_sampling)
+        """The routing of the rows of ``x`` [T, d] to ``k`` experts each."""
+
+    def step(self) -> None:
+        """A training forward of the layer starts (StableMoE counts them for its freeze)."""
+
+    def balance_loss(self, r: Routing) -> torch.Tensor:
+        """Switch balance loss ``E * sum_e f_e * P_e`` of ``r`` (``moe/losses.py``)."""
+        from .losses import balance_loss
+        return balance_loss(r.probs, r.expert_idx, self.num_experts)
 
     def route_probs(self, probs, logits, k, renormalize, *, capacity_factor=None, min_capacity=0,
                     use_rts=False, second_expert_sampling=False) -> Routing:
+        """Top-k of ``probs`` [T, E] (or the Gumbel second choice), capacity drops, combine weights:
+        the selection every router variant shares."""
         if second_expert_sampling and k == 2:
             # DeepSpeed's top2_2nd_expert_sampling: Gumbel noise picks the second expert.
             first = logits.argmax(dim=-1, keepdim=True)
@@ -126,3 +137,43 @@ class TopKRouter(nn.Module):
             top_p = top_p / top_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
         return Routing(probs=probs, expert_idx=idx, dispatch_idx=dispatch_idx, weights=top_p,
                        num_dropped=num_dropped)
+
+
+class TopKRouter(Router):
+    """``weight``: [E, d], no bias. Logits in fp32 even under bf16 autocast."""
+
+    routes_streams_jointly = True  # one logits GEMM, softmax and top-k for both streams
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(num_experts)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        bound = 1.0 / math.sqrt(hidden_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor, k: int, renormalize: bool, *, capacity_factor: Optional[float] = None,
+                min_capacity: int = 0, use_rts: bool = False, second_expert_sampling: bool = False) -> Routing:
+        logits = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        return self.route_probs(probs, logits, k, renormalize, capacity_factor=capacity_factor,
+                                min_capacity=min_capacity, use_rts=use_rts,
+                                second_expert_sampling=second_expert_sampling)
+
+
+class StreamRouting(NamedTuple):
+    """The routing of S2MoE's two streams in one forward: the clean rows ``tokens[:T]`` and the
+    noisy rows ``tokens[T:]``, the [2T, k] experts and weights all rows are dispatched with.
+
+    ``shared``: the noisy stream reuses the clean routing (``noisy_routing="shared"``; ``noisy``
+    is then the clean routing itself and its slots are dispatched twice). ``joint``: the routing
+    of all 2T rows when one router call routed both streams, else None."""
+
+    clean: Routing
+    noisy: Routing
+    dispatch_idx: torch.Tensor  # [2T, k]
+    weights: torch.Tensor       # [2T, k]
+    joint: Optional[Routing]
+    shared: bool

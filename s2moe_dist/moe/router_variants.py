@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .router import Routing, TopKRouter, expert_counts
+from .router import Router, Routing, TopKRouter, expert_counts
 
 ROUTER_TYPES = ("topk", "xmoe", "stablemoe")
 MIN_TEMPERATURE = 0.01  # X-MoE: |logits| <= 1 / MIN_TEMPERATURE
@@ -64,14 +64,8 @@ class ScoredRouting(Routing):
     balance_on: bool = True
 
 
-class _ScoreRouter(nn.Module):
-    """Selection and drops by ``TopKRouter.route_probs``; combine weights from ``weight_scores``."""
-
-    route_probs = TopKRouter.route_probs
-
-    def __init__(self, num_experts: int):
-        super().__init__()
-        self.num_experts = num_experts
+class _ScoreRouter(Router):
+    """Selection and drops by ``Router.route_probs``; combine weights from ``weight_scores``."""
 
     def _routing(self, select_logits, weight_scores, k, renormalize, **options) -> ScoredRouting:
         probs = torch.softmax(select_logits, dim=-1)
@@ -121,7 +115,7 @@ class StableMoERouter(_ScoreRouter):
         return self.freeze_after is not None and self.num_updates > self.freeze_after
 
     def step(self) -> None:
-        """A training forward of the layer starts (called by ``S2MoELayer``)."""
+        """A training forward of the layer starts (``Router.step``, called by ``S2MoELayer``)."""
         self.num_updates += 1
         if self.freeze_after is not None and self.num_updates == self.freeze_after + 1:
             with torch.no_grad():  # stage 2 starts: the centroids after N updates fix the routing
@@ -160,8 +154,12 @@ class StableMoERouter(_ScoreRouter):
         return (scale[idx] * chosen).sum() / T
 
 
-def build_router(cfg) -> nn.Module:
-    """The router of ``cfg.router_type`` (``S2MoEConfig``)."""
+def build_router(cfg) -> Router:
+    """The router of ``cfg.router_type`` (``S2MoEConfig``), with DeepSpeed's ``noisy_gate_policy``
+    on the top-k router (``moe/noisy_gate.py``)."""
+    if cfg.noisy_gate_policy is not None:
+        from .noisy_gate import NoisyGateRouter
+        return NoisyGateRouter(cfg.hidden_size, cfg.num_experts, cfg.noisy_gate_policy)
     if cfg.router_type == "xmoe":
         return XMoERouter(cfg.hidden_size, cfg.num_experts, cfg.router_dim, cfg.router_temperature)
     if cfg.router_type == "stablemoe":

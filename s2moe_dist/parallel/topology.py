@@ -15,7 +15,7 @@ before any process group exists.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 
 def _divisors(n: int) -> List[int]:
@@ -28,34 +28,39 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def validate_topology(world_size: int, tp_size: int, ep_size: int, num_experts: int, hidden_size: int,
-                      ffn_hidden_size: int, expert_tensor_parallel: bool = True) -> None:
+                      ffn_hidden_size: int, expert_tensor_parallel: bool = True,
+                      field_names: Optional[Mapping[str, str]] = None) -> None:
     """Raise ValueError naming the field, its value and the fix if the world cannot be laid out
-    as TP x DP with EP experts groups. Call before creating any process group."""
+    as TP x DP with EP experts groups. Call before creating any process group. ``field_names``:
+    the caller's name of each argument in the messages (e.g. ``{"ep_size": "model.moe.ep_size"}``)."""
+    def f(name: str) -> str:
+        return (field_names or {}).get(name, name)
+
     for name, value in (("world_size", world_size), ("tp_size", tp_size), ("ep_size", ep_size),
                         ("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("ffn_hidden_size", ffn_hidden_size)):
-        _check_positive_int(name, value)
+        _check_positive_int(f(name), value)
     if world_size % tp_size:
-        raise ValueError(f"tp_size={tp_size} is invalid: it must divide the world size ({world_size}), "
+        raise ValueError(f"{f('tp_size')}={tp_size} is invalid: it must divide the world size ({world_size}), "
                          f"which factors as TP x DP; choose tp_size among {_divisors(world_size)}")
     dp_size = world_size // tp_size
     if expert_tensor_parallel and tp_size > 1:
         if dp_size % ep_size:
-            raise ValueError(f"ep_size={ep_size} is invalid: with experts split over TP "
+            raise ValueError(f"{f('ep_size')}={ep_size} is invalid: with experts split over TP "
                              f"(enable_expert_tensor_parallelism) expert groups live inside a data-parallel "
                              f"group, so ep_size must divide the data-parallel size world_size/tp_size = "
                              f"{world_size}/{tp_size} = {dp_size}; choose ep_size among {_divisors(dp_size)}")
     elif world_size % ep_size:
-        raise ValueError(f"ep_size={ep_size} is invalid: it must divide the world size ({world_size}); "
+        raise ValueError(f"{f('ep_size')}={ep_size} is invalid: it must divide the world size ({world_size}); "
                          f"choose ep_size among {_divisors(world_size)}")
     if num_experts % ep_size:
-        raise ValueError(f"num_experts={num_experts} is invalid: it must be divisible by ep_size ({ep_size}); "
+        raise ValueError(f"{f('num_experts')}={num_experts} is invalid: it must be divisible by ep_size ({ep_size}); "
                          f"choose ep_size among {_divisors(num_experts)}")
     if tp_size > 1 and hidden_size % tp_size:
-        raise ValueError(f"hidden_size={hidden_size} is invalid: it must be divisible by tp_size ({tp_size}) "
+        raise ValueError(f"{f('hidden_size')}={hidden_size} is invalid: it must be divisible by tp_size ({tp_size}) "
                          f"for the tensor-parallel layers; choose tp_size among {_divisors(hidden_size)}")
     if tp_size > 1 and expert_tensor_parallel and ffn_hidden_size % tp_size:
-        raise ValueError(f"ffn_hidden_size={ffn_hidden_size} is invalid: it must be divisible by tp_size "
+        raise ValueError(f"{f('ffn_hidden_size')}={ffn_hidden_size} is invalid: it must be divisible by tp_size "
                          f"({tp_size}) to split each expert over TP; choose tp_size among "
                          f"{_divisors(ffn_hidden_size)}")
 

@@ -136,7 +136,7 @@ class TrainConfig:
         if (not isinstance(self.eval_k, (list, tuple)) or not self.eval_k
                 or any(isinstance(k, bool) or not isinstance(k, int) for k in self.eval_k)):
             raise config_error(o, "eval_k", self.eval_k, "must be a non-empty list of integers, e.g. [1, 2]")
-        n_exp = model.moe_config().num_experts
+        n_exp = model.moe.num_experts
         bad = [k for k in self.eval_k if not 1 <= k <= n_exp]
         if bad:
             raise config_error(o, "eval_k", self.eval_k,
@@ -198,9 +198,10 @@ class RunConfig:
                 "data": dataclasses.asdict(self.data)}
 
 
-_TOPOLOGY_FIELDS = (("ffn_hidden_size=", "model.moe.ffn_hidden_size="), ("hidden_size=", "model.d_model="),
-                    ("num_experts=", "model.moe.num_experts="), ("tp_size=", "model.tp_size="),
-                    ("ep_size=", "model.moe.ep_size="))
+# validate_topology's arguments as run-YAML fields, for its error messages
+TOPOLOGY_FIELDS = {"ffn_hidden_size": "model.moe.ffn_hidden_size", "hidden_size": "model.d_model",
+                   "num_experts": "model.moe.num_experts", "tp_size": "model.tp_size",
+                   "ep_size": "model.moe.ep_size"}
 
 
 def check_parallel_layout(run: RunConfig, world_size: int) -> None:
@@ -211,21 +212,13 @@ def check_parallel_layout(run: RunConfig, world_size: int) -> None:
     from ..parallel.topology import validate_topology
 
     m = run.model
-    moe = m.moe_config()
+    moe = m.moe
     ep = moe.ep_size if m.moe_blocks else 1
     if m.tp_size == 1 and world_size % ep:
         raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size ({world_size} ranks); "
                          f"start {ep}*N ranks or set model.moe.ep_size=1")
-    try:
-        validate_topology(world_size, m.tp_size, ep, moe.num_experts, m.d_model,
-                          moe.ffn_hidden_size, expert_tensor_parallel=moe.enable_expert_tensor_parallelism)
-    except ValueError as e:
-        msg = str(e)
-        for ours, field_name in _TOPOLOGY_FIELDS:
-            if msg.startswith(ours):
-                msg = field_name + msg[len(ours):]
-                break
-        raise ValueError(msg) from None
+    validate_topology(world_size, m.tp_size, ep, moe.num_experts, m.d_model, moe.ffn_hidden_size,
+                      expert_tensor_parallel=moe.enable_expert_tensor_parallelism, field_names=TOPOLOGY_FIELDS)
     run.train.micro_batch_size(world_size, m.tp_size)  # the global batch splits over the DP ranks
 
 

@@ -14,18 +14,22 @@ from ..moe.layer import S2MoELayer
 
 @contextlib.contextmanager
 def eval_k_set(model: torch.nn.Module, k: int):
-    """``layer.config.eval_k = k`` on every S2MoE layer and eval mode; restores both after."""
+    """Eval mode with ``k`` experts per token on every S2MoE layer; restores both after.
+
+    Compatibility path for code without a ``k`` argument down to the layers: it sets each layer's
+    ``eval_k_override`` (what ``S2MoELayer.forward(x)`` uses at inference when no ``k`` is passed),
+    never the layers' validated ``config``."""
     layers = [m for m in model.modules() if isinstance(m, S2MoELayer)]
-    saved = [layer.config.eval_k for layer in layers]
+    saved = [layer.eval_k_override for layer in layers]
     was_training = model.training
     for layer in layers:
-        layer.config.eval_k = k
+        layer.eval_k_override = k
     model.eval()
     try:
         yield
     finally:
         for layer, old in zip(layers, saved):
-            layer.config.eval_k = old
+            layer.eval_k_override = old
         model.train(was_training)
 
 

@@ -3,6 +3,7 @@ world size wrote it: DeepSpeed's ``load_checkpoint(load_module_only=True)`` read
 weights and one file per global expert, so a model built with ``ep_size=1`` takes all experts."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Dict, Optional, Tuple
@@ -64,17 +65,18 @@ def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None):
     saved["data"]["path"] = None  # the file may not exist here; s2moe-eval names its own
     run: RunConfig = run_config_from_dict(saved)
     run.data.path = state["config"]["data"].get("path")
-    run.model.moe["ep_size"] = 1  # one process holds every expert
+    run.model.moe = dataclasses.replace(run.model.moe, ep_size=1, owner="model.moe")  # one process holds every expert
     tp_size, run.model.tp_size = run.model.tp_size, 1  # ... and whole dense layers (TP shards merged)
     if not dist.is_initialized():  # a 1-process group, whatever launcher variables are around
         init_distributed(Launch("single", 0, 1, 0, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}),
                          backend="gloo" if str(device) == "cpu" else None)
     torch.manual_seed(0)
-    model = CharLM(run.model)
+    from ..integrations.deepspeed import DeepSpeedS2MoE
+    model = CharLM(run.model, moe_layer_cls=DeepSpeedS2MoE)  # DeepSpeed's engine loads the checkpoint
     if tp_size > 1:  # one model file per TP rank: merged here, not through DeepSpeed
         from .tp_checkpoint import merged_state_dict
-        moe = run.model.moe_config()
+        moe = run.model.moe
         model.load_state_dict(merged_state_dict(ckpt_dir, tag, model, tp_size, moe.activation,
                                                 moe.enable_expert_tensor_parallelism))
         model = cast_like_training(model.float(), dtype or training_dtype(state["param_dtypes"]),

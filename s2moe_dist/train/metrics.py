@@ -50,11 +50,11 @@ def gather_moe_stats(moe_layers, device) -> Dict[int, Dict[str, object]]:
 
     rows = []
     for _, layer in moe_layers:
-        st = layer.last_stats
-        counts = st["expert_counts"].to(device=device, dtype=torch.float64)
-        extras = torch.tensor([float(st.get("drop_fraction", 0.0)),
-                               float(st["gate_mean"]) if "gate_mean" in st else float("nan"),
-                               float(st["infonce_accuracy"]) if "infonce_accuracy" in st else float("nan"),
+        st = layer.stats  # moe.stats.RoutingStats of the last forward
+        counts = st.expert_counts.to(device=device, dtype=torch.float64)
+        extras = torch.tensor([float(st.drop_fraction),
+                               float(st.gate_mean) if st.gate_mean is not None else float("nan"),
+                               float(st.infonce_accuracy) if st.infonce_accuracy is not None else float("nan"),
                                float(layer.l_aux.detach())],
                               dtype=torch.float64, device=device)
         rows.append(torch.cat([counts, extras]))

@@ -119,7 +119,8 @@ def check_resumable(ckpt_dir: str, tag: str, run: RunConfig, world_size: int) ->
     diffs = []
     for key in sorted(set(saved) | set(mine)):
         if key == "moe":
-            a, b = dict(saved.get("moe", {})), dict(mine.get("moe", {}))
+            from ..model.config import saved_moe_fields  # an older checkpoint: left-out fields take defaults
+            a, b = saved_moe_fields(saved), dict(mine.get("moe", {}))
             a.pop("ep_size", None), b.pop("ep_size", None)  # EP size may change (re-sharded on load)
             diffs += [f"model.moe.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -194,7 +195,7 @@ class Trainer:
         import torch.distributed as dist
 
         from ..data import ShardedBatches
-        from ..integrations.deepspeed import s2moe_param_groups
+        from ..integrations.deepspeed import DeepSpeedS2MoE, s2moe_param_groups
         from ..model import CharLM
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -213,7 +214,7 @@ class Trainer:
         layout = init_model_parallel(m.tp_size)
         self.dp_rank, self.dp_size = layout.dp_rank, layout.dp_size
         torch.manual_seed(t.seed)  # identical dense weights on every rank; experts: per global id
-        model = CharLM(m)
+        model = CharLM(m, moe_layer_cls=DeepSpeedS2MoE)  # the MoE class DeepSpeed's engine must see
         self.micro = t.micro_batch_size(self.world, m.tp_size)
         groups = s2moe_param_groups(model, weight_decay=t.weight_decay)
         kwargs = {}
