@@ -3,7 +3,7 @@
     s2moe-train --config configs/model/tiny.yaml --deepspeed configs/deepspeed/zero1_fp32.json \\
                 [--data text8.gz] [--set train.steps=100 model.moe.moe_type=smoe] [--resume auto] [--output DIR]
     s2moe-eval  --checkpoint DIR [--data FILE] [--eval-k 1 2] [--split test] [--json]
-    s2moe-ckpt  reshard SRC DST --ep-size N   (s2moe_dist.integrations.reshard)
+    s2moe-ckpt  reshard SRC DST --ep-size N   (s2moe_dist.checkpoint.reshard_cli)
 
 Bad arguments and configs exit with status 2 and one line naming the field and the fix.
 s2moe-train: 3 when NaN/Inf steps stopped the run, 4 when a checkpoint could not be written
@@ -242,7 +242,7 @@ def ckpt_main(argv: Optional[List[str]] = None) -> int:
         print(f"s2moe-ckpt: unknown command {argv[0]!r}\n{CKPT_USAGE}", file=sys.stderr)
         return 2
     library_logs_to_stderr()
-    from .integrations.reshard import main
+    from .checkpoint.reshard_cli import main
     try:
         return main(argv[1:])
     except ValueError as e:

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #   system       the product as a user runs it: CLI, launchers, reliability, Slurm, two hosts
 TEST_KINDS = {
     "test_bad_configs.py": "unit",
+    "test_checkpoint_keys.py": "unit",
     "test_cli.py": "system",
     "test_cli_help_json.py": "system",
     "test_cli_startup.py": "system",

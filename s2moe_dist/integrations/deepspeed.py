@@ -18,8 +18,9 @@ What DeepSpeed 0.19.8 does with an MoE layer, and what this module provides for 
   optimizer whose param groups are not split into MoE groups fail with errors naming the fix, and
   under ZeRO-0 fp32 the gradient clipping norm is replaced by one that counts every expert shard
   once (0.19.8's ``clip_grad_norm_`` AVERAGES the per-rank norms, which is wrong under EP).
-- Checkpoints: see ``ds_checkpoint.py`` (state-dict hooks) and ``reshard.py`` (change of EP size;
-  ``engine.load_checkpoint`` of an engine holding S2MoE layers is replaced by its EP-aware version).
+- Checkpoints: see ``s2moe_dist.checkpoint`` (``state_dict.py``: state-dict hooks; ``live.py``: change
+  of EP size, ``engine.load_checkpoint`` of an engine holding S2MoE layers is replaced by its EP-aware
+  version).
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups as ds_groups
 
 from ..moe.layer import S2MoELayer
+from ..checkpoint.keys import is_bank_bias
+from ..checkpoint.state_dict import split_expert_state, stack_expert_state
 from ..deepspeed_args import layer_config_from_args
 from ..parallel.plan import ParallelPlan, make_parallel_plan
-from .ds_checkpoint import split_expert_state, stack_expert_state
 
 ZERO3_ERROR = ("zero_optimization.stage=3 is invalid with S2MoE layers: DeepSpeed's native MoE, which "
                "S2MoE is to the engine, is not supported under ZeRO stage 3 (the engine refuses MoE layers "
@@ -248,7 +250,7 @@ def check_engine(engine) -> None:
     opt = engine.client_optimizer
     if isinstance(opt, torch.optim.Optimizer) and engine_wraps_optimizer(engine):
         check_param_groups(opt.param_groups)
-    from .reshard import install_ep_aware_checkpoint_loading
+    from ..checkpoint.live import install_ep_aware_checkpoint_loading
     install_ep_aware_checkpoint_loading(engine)
     install_aux_grad_scaling(engine)
     if engine.zero_optimization_stage() == 0:
@@ -292,7 +294,7 @@ def check_param_groups(param_groups: Iterable[Mapping[str, Any]]) -> None:
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith("bias") or name.endswith(("experts.b1", "experts.b2"))
+    return p.ndim <= 1 or name.endswith("bias") or is_bank_bias(name)
 
 
 def s2moe_param_groups(model: nn.Module, weight_decay: float = 0.0, **options) -> List[Dict[str, Any]]:

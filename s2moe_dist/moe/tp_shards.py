@@ -15,15 +15,12 @@ model) state dict into the full layout (TP=1), ``split_expert_state`` splits it 
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-# experts.w1 (ExpertBank) or deepspeed_moe.experts.deepspeed_experts.<i>.w1 (DeepSpeed checkpoint keys)
-# (a bare ExpertBank's own state dict: w1, w2, ...)
-_EXPERT_KEY = re.compile(r"^(?:(?P<prefix>(?:.*\.)?(?:experts|deepspeed_experts\.\d+))\.)?(?P<name>w1|b1|w2|b2)$")
+from ..checkpoint.keys import ExpertKey, parse_bank_tensor_key
 
 
 def _columns(width: int, tp_rank: int, tp_size: int, swiglu: bool, device=None) -> torch.Tensor:
@@ -71,35 +68,40 @@ def merge_tensors(name: str, shards: Sequence[torch.Tensor], swiglu: bool) -> to
     raise ValueError(f"unknown expert tensor {name!r}: expected w1, b1, w2 or b2")
 
 
-def _is_swiglu(state: Mapping[str, torch.Tensor], prefix: str, activation: Optional[str]) -> bool:
+def _is_swiglu(state: Mapping[str, torch.Tensor], key: ExpertKey, activation: Optional[str]) -> bool:
     if activation is not None:
         return activation == "swiglu"
-    dot = f"{prefix}." if prefix else ""
-    w1, w2 = state.get(dot + "w1"), state.get(dot + "w2")
+    w1, w2 = state.get(key.sibling("w1")), state.get(key.sibling("w2"))
     if w1 is None or w2 is None:
-        raise ValueError(f"cannot tell the activation of {prefix}: pass activation=...")
+        raise ValueError(f"cannot tell the activation of {key.sibling('w1')}: pass activation=...")
     return w1.shape[-1] == 2 * w2.shape[-2]  # swiglu: w1 = [gate | up]
 
 
-def _expert_keys(state: Mapping[str, torch.Tensor]):
-    for key in state:
-        m = _EXPERT_KEY.match(key)
-        if m:
-            yield key, m.group("prefix") or "", m.group("name")
+def _expert_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, ExpertKey]:
+    """Every bank tensor key of ``state``: the layer's bank (``experts.w1``), DeepSpeed's per-expert
+    keys (``deepspeed_experts.<i>.w1``) or an ``ExpertBank``'s own (``w1``), parsed
+    (the scheme: ``s2moe_dist.checkpoint.keys``)."""
+    return {key: parsed for key in state if (parsed := parse_bank_tensor_key(key)) is not None}
+
+
+def _activations(state: Mapping[str, torch.Tensor], expert: Dict[str, ExpertKey],
+                 activation: Optional[str]) -> Dict[str, bool]:
+    """w1 key -> swiglu?, for every expert (or bank) in ``expert``."""
+    return {k.sibling("w1"): _is_swiglu(state, k, activation) for k in expert.values()}
 
 
 def split_expert_state(state: Mapping[str, torch.Tensor], tp_size: int,
                        activation: Optional[str] = None) -> List[Dict[str, torch.Tensor]]:
     """Full (TP=1) state dict -> one state dict per TP rank; non-expert entries are copied."""
-    expert = {key: (prefix, name) for key, prefix, name in _expert_keys(state)}
-    swiglu = {prefix: _is_swiglu(state, prefix, activation) for prefix, _ in expert.values()}
+    expert = _expert_keys(state)
+    swiglu = _activations(state, expert, activation)
     out = []
     for t in range(tp_size):
         shard = OrderedDict()
         for key, value in state.items():
             if key in expert:
-                prefix, name = expert[key]
-                shard[key] = shard_tensor(name, value, t, tp_size, swiglu[prefix])
+                k = expert[key]
+                shard[key] = shard_tensor(k.param, value, t, tp_size, swiglu[k.sibling("w1")])
             else:
                 shard[key] = value
         out.append(shard)
@@ -114,13 +116,13 @@ def merge_expert_state(states: Sequence[Mapping[str, torch.Tensor]],
     for t, s in enumerate(states[1:], 1):
         if s.keys() != first.keys():
             raise ValueError(f"TP shard {t} has keys {sorted(set(s) ^ set(first))} the others lack")
-    expert = {key: (prefix, name) for key, prefix, name in _expert_keys(first)}
-    swiglu = {prefix: _is_swiglu(first, prefix, activation) for prefix, _ in expert.values()}
+    expert = _expert_keys(first)
+    swiglu = _activations(first, expert, activation)
     out = OrderedDict()
     for key, value in first.items():
-        if key in expert and expert[key][1] != "b2":
-            prefix, name = expert[key]
-            out[key] = merge_tensors(name, [s[key] for s in states], swiglu[prefix])
+        if key in expert and expert[key].param != "b2":
+            k = expert[key]
+            out[key] = merge_tensors(k.param, [s[key] for s in states], swiglu[k.sibling("w1")])
             continue
         for t, s in enumerate(states[1:], 1):
             if torch.is_tensor(value) and not torch.equal(s[key], value):
@@ -140,7 +142,8 @@ def shard_full_experts_(state: Dict[str, torch.Tensor], prefix: str, tp_rank: in
                         local_hidden: int, swiglu: bool) -> None:
     """In place: expert entries under ``prefix`` that hold the full hidden size (a TP=1 checkpoint)
     are replaced by this rank's shard, so a full checkpoint loads into a TP-split layer."""
-    for key, key_prefix, name in list(_expert_keys(state)):
+    for key, parsed in _expert_keys(state).items():
+        name = parsed.param
         if not key.startswith(prefix) or name == "b2":
             continue
         value = state[key]

@@ -10,10 +10,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..checkpoint.keys import model_file
 from . import checkpoint as ckpt
 from .config import RunConfig, run_config_from_dict
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = model_file(0)
 
 
 def find_checkpoint(path: str) -> Tuple[str, str]:

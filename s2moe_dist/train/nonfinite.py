@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..checkpoint.keys import is_bank_key
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN/Inf loss or gradients; nothing was saved after them.
@@ -47,7 +49,7 @@ def describe_param(name: str, tensor: torch.Tensor, first_expert: Optional[int] 
     m = re.match(r"blocks\.(\d+)\.", name)
     if m:
         where.append(f"block {m.group(1)}")
-    if first_expert is not None and ".experts." in name and tensor.dim() >= 3:
+    if first_expert is not None and is_bank_key(name) and tensor.dim() >= 3:  # [E_local, ...]
         local = int(bad.reshape(tensor.shape[0], -1).any(dim=1).nonzero()[0, 0])
         where.append(f"expert {first_expert + local}")
     first = tensor.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]].item()
