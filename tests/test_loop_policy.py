@@ -175,7 +175,7 @@ def test_faults_are_injected_from_the_trainer_only():
             path = os.path.join(folder, name)
             if name.endswith(".py") and not path.endswith(os.path.join("train", "faults.py")):
                 with open(path) as f:
-                    if re.search(r"(from|import)\s+[.\w]*faults\b|FaultInjector|\bfaults\.", f.read()):
+                    if re.search(r"(from|import)\s+[.\w]*faults\b|FaultInjector|\bfaults\.(?!py\b)", f.read()):
                         users.append(os.path.relpath(path, ROOT))
     assert users == [os.path.join("s2moe_dist", "train", "trainer.py")]
 

@@ -38,12 +38,13 @@ class SignalFlags:
         return self
 
     def uninstall(self) -> None:
-        """Restore the previous handlers; after a SIGTERM (here or on another rank), SIGTERM stays
-        ignored: a signal sent to every node reaches them at different times, and a late copy killed
-        a rank (-15) that was leaving after the checkpoint all ranks had agreed on."""
+        """Restore the previous handlers; after a SIGTERM (here or on another rank), SIGTERM and
+        SIGUSR1 stay ignored: a signal sent to every node reaches them at different times, and a late
+        copy killed a rank (-15) that was leaving after the checkpoint all ranks had agreed on; a
+        Slurm USR1 warning arriving then killed it the same way ("User defined signal 1")."""
+        leaving = self.exit or self.leaving
         for sig, handler in self._previous.items():
-            leaving = self.exit or self.leaving
-            signal.signal(sig, signal.SIG_IGN if leaving and sig == signal.SIGTERM else handler)
+            signal.signal(sig, signal.SIG_IGN if leaving else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
