@@ -100,8 +100,8 @@ def _bench(rank, world, opts):
     out = {"load_before": common.load_average(),
            "params": {t: sum(p.numel() for p in e.module.parameters()) for t, e in engines.items()},
            "seq_len": m.seq_len, "model": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, "
-                                          f"{m.moe['num_experts']} experts of hidden {m.moe['ffn_hidden_size']}, "
-                                          f"top-{m.moe['k']}, dropout {m.dropout}"}
+                                          f"{m.moe.num_experts} experts of hidden {m.moe.ffn_hidden_size}, "
+                                          f"top-{m.moe.k}, dropout {m.dropout}"}
     for e in engines.values():
         e.train()
     steps = {"train": {t: train_step(engines[t], x, y) for t in TRAIN},

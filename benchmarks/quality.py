@@ -239,7 +239,8 @@ def collect(args, run_dir: str, ev: dict, source: str) -> dict:
 
 
 def discover(output: str):
-    """{name: {seed: steps}} of the run folders under ``output`` that hold a test_eval.json."""
+    """{name: [(seed, steps), ...]} of the run folders under ``output`` that hold a test_eval.json
+    (steps None: the config's budget; one seed may have runs of several budgets)."""
     import re
     found = {}
     for entry in sorted(os.listdir(output)) if os.path.isdir(output) else []:
@@ -249,7 +250,7 @@ def discover(output: str):
                 split_name(m.group(1))
             except ValueError:
                 continue
-            found.setdefault(m.group(1), {})[int(m.group(2))] = int(m.group(3)) if m.group(3) else None
+            found.setdefault(m.group(1), []).append((int(m.group(2)), int(m.group(3)) if m.group(3) else None))
     return found
 
 

@@ -63,7 +63,7 @@ def gather(args, config_steps: int, steps: int):
     for name, seeds in found.items():
         if args.models and name not in args.models:
             continue
-        for seed, s in sorted(seeds.items()):
+        for seed, s in sorted(seeds, key=lambda run: run[0]):
             if (s or config_steps) != steps or (args.seeds and seed not in args.seeds):
                 continue
             run_dir = q.run_dir_for(args, name, seed, steps, config_steps)
@@ -416,12 +416,12 @@ def report(args, steps, results, meta) -> str:
 def gather_longer(args, config_steps: int, steps: int):
     """{steps: results} for the run folders trained for a budget other than ``steps``."""
     found = q.discover(os.path.abspath(args.output))
-    budgets = sorted({s for seeds in found.values() for s in seeds.values() if s and s != steps})
+    budgets = sorted({s for seeds in found.values() for _, s in seeds if s and s != steps})
     out = {}
     for budget in budgets:
         runs = {}
         for name, seeds in found.items():
-            for seed, s in seeds.items():
+            for seed, s in seeds:
                 if s == budget:
                     run_dir = q.run_dir_for(args, name, seed, budget, config_steps)
                     ev = q._read_json(os.path.join(run_dir, "test_eval.json"))
@@ -471,7 +471,7 @@ def main(args, run_cfg, config_steps) -> int:
             "train_characters": steps * run_cfg.train.batch_size * m.seq_len,
             "test_characters": first["test_characters"], "steps": steps,
             "model_desc": f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, seq {m.seq_len}, "
-                          f"{m.moe['num_experts']} experts of hidden {m.moe['ffn_hidden_size']}",
+                          f"{m.moe.num_experts} experts of hidden {m.moe.ffn_hidden_size}",
             "pending": pending(os.path.abspath(args.output)), "eval_k": sorted(args.eval_k),
             "longer": gather_longer(args, config_steps, steps),
             "config": os.path.relpath(args.config, q.ROOT)}
@@ -479,7 +479,7 @@ def main(args, run_cfg, config_steps) -> int:
     with open(os.path.join(args.results, "quality.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     plot(results, sorted(args.eval_k), args.png,
-         f"text8 head, {steps} steps, tiny LM ({m.n_layers}x{m.d_model}, {m.moe['num_experts']} experts); "
+         f"text8 head, {steps} steps, tiny LM ({m.n_layers}x{m.d_model}, {m.moe.num_experts} experts); "
          "dashed: trained top-1")
     body = report(args, steps, results, meta)
     with open(os.path.join(args.results, "quality.md"), "w") as f:

@@ -41,3 +41,14 @@ def test_bpc_at_wall_interpolates_the_eval_curve():
     assert quality_report.bpc_at_wall(run, 100.0, "1") == pytest.approx(1.0)
     assert quality_report.bpc_at_wall(run, 120.0, "1") == pytest.approx(1.0)  # finished by then
     assert quality_report.bpc_at_wall(run, 10.0, "1") is None  # before the first eval
+
+
+def test_discover_keeps_every_budget_of_a_seed(tmp_path):
+    # a 6000-step run of seed 1 once hid the same seed's run of the config's budget from the report
+    for folder in ("smoe-seed1", "smoe-seed1-steps6000", "smoe-seed2", "smoe-seed3-steps6000", "junk-seed1"):
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "test_eval.json").write_text("{}")
+    os.makedirs(tmp_path / "s2moe-seed1")  # unfinished: no test_eval.json
+    found = quality.discover(str(tmp_path))
+    assert sorted(found) == ["smoe"]
+    assert sorted(found["smoe"], key=str) == sorted([(1, None), (1, 6000), (2, None), (3, 6000)], key=str)
