@@ -20,7 +20,8 @@ Run folders: ``<output>/<name>-seed<N>`` (``-steps<S>`` appended for a budget ot
 config's). Resumable: a finished run of the same steps is not trained again (an unfinished one
 continues with ``--resume auto``); test scores are kept in ``test_eval.json``. ``--train-only``
 writes no report (several quality.py may train at once); ``--report-only`` trains nothing and
-reports every run folder under ``--output`` (quality_report.py): ``benchmarks/results/quality.json``,
+reports every run folder under ``--output`` plus, with ``--recorded``, the runs an earlier report of
+this code recorded (quality_report.py): ``benchmarks/results/quality.json``,
 ``quality.md``, ``benchmarks/quality_bpc_vs_k.png`` and, with ``--write-results``, the
 "Quality (Figure 1 in miniature)" section of RESULTS.md.
 """
@@ -122,6 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="no training/eval: tables and plot from the run folders")
     p.add_argument("--previous", default=None,
                    help="a previous quality.json whose runs fill in contestants/seeds with no run folder here")
+    p.add_argument("--recorded", default=None,
+                   help="a quality.json written by this code (e.g. benchmarks/results/quality.json): its runs, "
+                        "Figure 1 and longer budgets, count as this report's own where no run folder of that "
+                        "contestant, seed and budget is here (run folders are not kept between machines)")
     p.add_argument("--train-only", action="store_true",
                    help="train and score the runs, write no report (for several quality.py at once)")
     return p.parse_args(argv)

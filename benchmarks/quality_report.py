@@ -69,6 +69,10 @@ def gather(args, config_steps: int, steps: int):
             run_dir = q.run_dir_for(args, name, seed, steps, config_steps)
             ev = q._read_json(os.path.join(run_dir, "test_eval.json"))
             runs.setdefault(name, {})[str(seed)] = q.collect(args, run_dir, ev, "run folder")
+    for name, r in recorded_results(args, steps, steps).items():
+        for seed, rec in r["runs"].items():
+            if (not args.models or name in args.models) and (not args.seeds or int(seed) in args.seeds):
+                runs.setdefault(name, {}).setdefault(str(seed), rec)
     prev = q._read_json(args.previous) if getattr(args, "previous", None) else None
     if prev and prev["meta"].get("steps") == steps:
         for name, r in prev["results"].items():
@@ -79,6 +83,18 @@ def gather(args, config_steps: int, steps: int):
                     runs.setdefault(name, {})[str(seed)] = {**rec, "source": os.path.basename(args.previous),
                                                             "flops": None, "collapse": None}
     return runs
+
+
+def recorded_results(args, steps: int, budget: int) -> dict:
+    """{name: results} that ``--recorded`` (a quality.json of this code) holds for ``budget`` steps:
+    its Figure 1 results when its budget is ``steps`` itself, else its longer runs of ``budget``.
+    Records are kept as written: their source (a run folder, or the previous report), FLOPs, collapse."""
+    rec = q._read_json(args.recorded) if getattr(args, "recorded", None) else None
+    if getattr(args, "recorded", None) and rec is None:
+        raise SystemExit(f"[quality] --recorded {args.recorded}: not a readable quality.json")
+    if not rec or rec["meta"].get("steps") != steps:
+        return {}
+    return rec["results"] if budget == steps else rec["meta"].get("longer", {}).get(str(budget), {})
 
 
 def aggregate(runs: dict, steps: int, flops=None) -> dict:
@@ -416,9 +432,12 @@ def report(args, steps, results, meta) -> str:
 def gather_longer(args, config_steps: int, steps: int):
     """{steps: results} for the run folders trained for a budget other than ``steps``."""
     found = q.discover(os.path.abspath(args.output))
-    budgets = sorted({s for seeds in found.values() for _, s in seeds if s and s != steps})
+    budgets = {s for seeds in found.values() for _, s in seeds if s and s != steps}
+    rec = q._read_json(args.recorded) if getattr(args, "recorded", None) else None
+    if rec and rec["meta"].get("steps") == steps:
+        budgets |= {int(b) for b in rec["meta"].get("longer", {})}
     out = {}
-    for budget in budgets:
+    for budget in sorted(budgets):
         runs = {}
         for name, seeds in found.items():
             for seed, s in seeds:
@@ -429,6 +448,9 @@ def gather_longer(args, config_steps: int, steps: int):
                         "run_dir": os.path.relpath(run_dir, q.ROOT), "source": "run folder", "test_bpc": ev["bpc"],
                         "test_characters": ev["characters_scored"], "step": ev["step"],
                         "train": q.train_summary(run_dir), "collapse": None}
+        for name, r in recorded_results(args, steps, budget).items():
+            for seed, record in r["runs"].items():
+                runs.setdefault(name, {}).setdefault(str(seed), record)
         out[str(budget)] = aggregate(runs, budget)
     return out
 

@@ -52,3 +52,35 @@ def test_discover_keeps_every_budget_of_a_seed(tmp_path):
     found = quality.discover(str(tmp_path))
     assert sorted(found) == ["smoe"]
     assert sorted(found["smoe"], key=str) == sorted([(1, None), (1, 6000), (2, None), (3, 6000)], key=str)
+
+
+def test_recorded_runs_count_as_this_reports_own_where_no_run_folder_is_here(tmp_path):
+    # run folders are not kept between machines: the committed quality.json is the record
+    import argparse
+    import json
+
+    def rec(bpc, source="run folder"):
+        return {"test_bpc": {"1": bpc}, "source": source, "step": 1, "train": {}, "collapse": {"cos": 0.5}}
+    recorded = {"meta": {"steps": 1500, "longer": {"6000": {"smoe": {"runs": {"1234": rec(1.9)}}}}},
+                "results": {"smoe": {"runs": {"1234": rec(2.0), "1235": rec(2.1, source="old.json")}},
+                            "s2moe-top1": {"runs": {"1234": rec(2.2)}}}}
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(recorded))
+    out = tmp_path / "runs"
+    folder = out / "smoe-seed1235-steps6000"  # a new longer run, here as a folder
+    os.makedirs(folder)
+    (folder / "test_eval.json").write_text(json.dumps({"bpc": {"1": 1.8}, "characters_scored": 10, "step": 6000}))
+    args = argparse.Namespace(output=str(out), recorded=str(path), previous=None, models=None, seeds=None)
+    runs = quality_report.gather(args, 1500, 1500)
+    assert sorted(runs) == ["s2moe-top1", "smoe"]
+    assert runs["smoe"]["1234"] == rec(2.0)  # kept as written: source, collapse
+    assert runs["smoe"]["1235"]["source"] == "old.json"
+    longer = quality_report.gather_longer(args, 1500, 1500)
+    assert sorted(longer["6000"]["smoe"]["runs"]) == ["1234", "1235"]
+    assert longer["6000"]["smoe"]["test_bpc"]["1"] == pytest.approx(1.85)
+    args.seeds = [1234]
+    assert sorted(quality_report.gather(args, 1500, 1500)["smoe"]) == ["1234"]
+    assert quality_report.gather(args, 6000, 6000) == {}  # a recorded file of another budget adds nothing
+    args.recorded = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit, match="--recorded .*missing.json: not a readable quality.json"):
+        quality_report.gather(args, 1500, 1500)
