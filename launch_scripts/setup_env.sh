@@ -78,3 +78,23 @@ import torch, deepspeed, megatron.core, tensorboard, s2moe_dist
 print(f"[setup_env] ok: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
       f"megatron-core {megatron.core.__version__}, s2moe_dist {s2moe_dist.__version__}")
 PY
+
+# 4. DeepSpeed's CPU all-reduce op (deepspeed_shm_comm), JIT-compiled at the first engine start of
+# a CPU run: built here once (~40-80 s) into TORCH_EXTENSIONS_DIR, so that no run or test pays for it
+# (and several starting at once do not queue on the build lock). Not needed where torch sees a GPU.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+python - <<'PY'
+import os, time, torch
+if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # what deepspeed.comm loads on CPU
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        so = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], builder.name, builder.name + ".so")
+        if not os.path.exists(so):
+            print(f"[setup_env] building DeepSpeed's CPU op {builder.name} once into "
+                  f"{os.environ['TORCH_EXTENSIONS_DIR']} (~1 min)", flush=True)
+            t0 = time.time()
+            builder.load(verbose=False)
+            print(f"[setup_env] built {builder.name} in {time.time() - t0:.0f} s", flush=True)
+PY
