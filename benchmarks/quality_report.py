@@ -270,6 +270,24 @@ def plot(results, ks, path, title):
 
 
 # ---- verdict -------------------------------------------------------------------------------
+def default_verdict(results, abls) -> str:
+    """Whether an ablation earns a change of default: better than its base on every seed (3 or more)
+    at both k=1 and k=2."""
+    wins = []
+    for n, _ in abls:
+        base = q.split_name(n)[0]
+        p1, p2 = paired(results, n, "1", base, "1"), paired(results, n, "2", base, "2")
+        if len(p1) >= 3 and len(p2) >= 3 and all(d < 0 for _, d, _ in p1 + p2):
+            wins.append(n)
+    if wins:
+        return ("Better than its base on every seed at both k=1 and k=2 (a candidate default): "
+                + ", ".join(wins) + ".")
+    few = [n for n, _ in abls if len(paired(results, n, "1", q.split_name(n)[0], "1")) < 3]
+    return ("Defaults unchanged: no ablation is better than its base on every seed at both k=1 and k=2"
+            + (f" (fewer than 3 seeds so far: {', '.join(few)})" if few else " (3 seeds each)")
+            + "; the seed-to-seed sd of a contestant is ~0.01 BPC.")
+
+
 def verdict(results) -> list:
     out = []
     claim = paired(results, *CLAIM)
@@ -343,8 +361,7 @@ def verdict(results) -> list:
         out.append("- Does any setting close the k=1 gap to SMoE top-2? "
                    + (f"yes on the mean: {', '.join(closes)}" if closes else "no ablation did (k=1 minus SMoE top-2 "
                       "k=2 > 0 for all of them)")
-                   + ". Defaults unchanged: an ablation run on one seed is not evidence enough to change one "
-                     "(the seed-to-seed sd of a contestant is ~0.01 BPC).")
+                   + ". " + default_verdict(results, abls))
     if any(cross for r in (claim,) for _, _, cross in r) or any(
             run.get("source", "run folder") != "run folder" for r in results.values() for run in r["runs"].values()):
         out.append("- `*`: a pair of one run folder of this code and one run of the previous report (older layer "

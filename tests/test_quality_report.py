@@ -84,3 +84,17 @@ def test_recorded_runs_count_as_this_reports_own_where_no_run_folder_is_here(tmp
     args.recorded = str(tmp_path / "missing.json")
     with pytest.raises(SystemExit, match="--recorded .*missing.json: not a readable quality.json"):
         quality_report.gather(args, 1500, 1500)
+
+
+def test_a_default_changes_only_for_an_ablation_better_on_every_seed_at_k1_and_k2():
+    def runs(*bpcs):
+        return {"runs": {str(s): _run({"1": b, "2": b}) for s, b in zip((1, 2, 3), bpcs)}}
+    results = {"s2moe-top1": runs(2.0, 2.0, 2.0), "s2moe-top1.noise0.1": runs(1.9, 1.95, 1.99),
+               "s2moe-top1.beta0": runs(1.9, 2.1, 1.9)}
+    abls = [(n, r) for n, r in results.items() if "." in n]
+    assert quality_report.default_verdict(results, abls).endswith("(a candidate default): s2moe-top1.noise0.1.")
+    results["s2moe-top1.noise0.1"]["runs"]["3"] = _run({"1": 1.9, "2": 2.01})  # worse at k=2 on one seed
+    assert quality_report.default_verdict(results, abls).startswith(
+        "Defaults unchanged: no ablation is better than its base on every seed at both k=1 and k=2 (3 seeds each)")
+    del results["s2moe-top1.beta0"]["runs"]["3"]
+    assert "(fewer than 3 seeds so far: s2moe-top1.beta0)" in quality_report.default_verdict(results, abls)
