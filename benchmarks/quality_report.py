@@ -438,7 +438,8 @@ def report(args, steps, results, meta) -> str:
     if meta.get("longer"):
         parts += ["", "### Longer runs", "",
                   "The same contestants trained for more steps (cosine schedule over the longer budget): does "
-                  "the k=1 gap shrink with training?", "", longer_table(meta["longer"], ks)]
+                  "the k=1 gap shrink with training?", "", longer_table(meta["longer"], ks), "",
+                  *longer_verdict(results, meta["longer"])]
     parts += ["", "### Each run", "", seed_table(results, ks)]
     if meta.get("pending"):
         parts += ["", "Runs not finished when this section was written (their folders under `runs/quality/`): "
@@ -475,13 +476,31 @@ def gather_longer(args, config_steps: int, steps: int):
 def longer_table(longer, ks):
     rows = []
     for budget, results in longer.items():
-        claim = paired(results, *CLAIM)
         for name, r in results.items():
+            gap = paired(results, name, "1", CLAIM[2], CLAIM[3]) if name != CLAIM[2] else []
             rows.append([budget, r["label"], len(r["seeds"]),
                          *[_fmt(r["test_bpc"][str(k)], r["test_bpc_std"][str(k)]) for k in ks],
-                         diff_line(claim) if claim and name == CLAIM[0] else ""])
+                         diff_line(gap) if gap else ""])
     return common.markdown_table(["steps", "contestant", "seeds", *[f"test BPC k={k}" for k in ks],
-                                  "S2MoE trained top-1 k=1 minus SMoE top-2 k=2"], rows)
+                                  "its k=1 minus SMoE top-2 k=2 (paired by seed)"], rows)
+
+
+def longer_verdict(results, longer) -> list:
+    """Per longer budget and S2MoE contestant: its k=1 gap to SMoE top-2 k=2 there, next to the gap of
+    the same seeds at the report's own budget (does training longer shrink it?)."""
+    out = []
+    for budget, res in longer.items():
+        for name in res:
+            if name == CLAIM[2]:
+                continue
+            gap = paired(res, name, "1", CLAIM[2], CLAIM[3])
+            if not gap:
+                continue
+            seeds = {s for s, _, _ in gap}
+            short = [p for p in paired(results, name, "1", CLAIM[2], CLAIM[3]) if p[0] in seeds]
+            out.append(f"- {res[name]['label']} k=1 minus SMoE top-2 k=2 after {budget} steps: {diff_line(gap)}"
+                       + (f"; the same seeds at the shorter budget: {diff_line(short)}" if short else ""))
+    return out
 
 
 def pending(output: str):
