@@ -122,7 +122,7 @@ class _WeightedSlotSum(torch.autograd.Function):
 
 @dataclass
 class SortedSlots:
-    order: torch.Tensor      # [S] slot id (token * k + choice) of each kept slot, in expert order
+    order: torch.Tensor      # [R] slot id (token * k + choice) of each kept slot, in expert order
     counts: torch.Tensor     # [E] kept slots per (global) expert
     k: int
     token_weights: torch.Tensor  # [N, k] combine weights in token order
@@ -131,12 +131,12 @@ class SortedSlots:
     # the general (capacity-drop) path's views of the kept slots; the permutation path needs neither
     @property
     def token_idx(self) -> torch.Tensor:
-        """[S] token row of each kept slot, in expert order."""
+        """[R] token row of each kept slot, in expert order."""
         return torch.div(self.order, self.k, rounding_mode="floor")
 
     @property
     def weights(self) -> torch.Tensor:
-        """[S] combine weight of each kept slot, in expert order."""
+        """[R] combine weight of each kept slot, in expert order."""
         return self.token_weights.reshape(-1)[self.order]
 
 

@@ -48,7 +48,7 @@ def _group_sizes(offs: torch.Tensor) -> list:
 
 def _mm_per_group(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """grouped_mm's two forms as one matmul per group (shapes or dtypes grouped_mm refuses):
-    a [S, d] @ b [E, d, h] -> [S, h];  a [d, S] @ b [S, h] -> [E, d, h] (groups along S)."""
+    a [R, d] @ b [E, d, h] -> [R, h];  a [d, R] @ b [R, h] -> [E, d, h] (groups along R)."""
     sizes = _group_sizes(offs)
     if b.dim() == 3:
         return torch.cat([c @ b[i] for i, c in enumerate(torch.split(a, sizes))], dim=0)
@@ -192,7 +192,7 @@ class ExpertBank(nn.Module):
         return F.gelu(h) if self.activation == "gelu" else F.relu(h)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, add_b2: bool = True) -> torch.Tensor:
-        """x: [S, d] sorted by local expert; counts: [E_local] rows per expert (sum == S).
+        """x: [R, d] sorted by local expert; counts: [E_local] rows per expert (sum == R).
         ``add_b2=False``: leave b2 out (TP adds it once to the partial sums it reduces)."""
         if x.shape[0] == 0:
             # keep the parameters in the graph so every rank produces (zero) expert gradients
