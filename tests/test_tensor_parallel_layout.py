@@ -43,10 +43,10 @@ def test_good_topologies_pass():
     validate_topology(world_size=1, tp_size=1, ep_size=1, num_experts=1, hidden_size=3, ffn_hidden_size=5)
     # experts whole on every rank: EP groups may span TP peers, EP divides the world (not DP)
     validate_topology(world_size=8, tp_size=2, ep_size=8, num_experts=8, hidden_size=64, ffn_hidden_size=255,
-                      expert_tensor_parallel=False)
+                      enable_expert_tensor_parallelism=False)
     with pytest.raises(ValueError, match=re.escape("ep_size=3 is invalid: it must divide the world size (8)")):
         validate_topology(world_size=8, tp_size=2, ep_size=3, num_experts=6, hidden_size=64, ffn_hidden_size=64,
-                          expert_tensor_parallel=False)
+                          enable_expert_tensor_parallelism=False)
 
 
 @pytest.mark.parametrize("world, tp, ep", [(4, 2, 2), (4, 2, 1), (8, 2, 2), (16, 2, 4), (8, 4, 2), (8, 1, 4)])
@@ -58,7 +58,7 @@ def test_expert_groups_match_deepspeed_e_m_d_layout(world, tp, ep):
     assert ours_edp == [list(g) for g in ds_edp]
     for group in ours_ep:
         for position, rank in enumerate(group):
-            assert expert_parallel_rank(rank, tp, ep, expert_tensor_parallel=True) == position
+            assert expert_parallel_rank(rank, tp, ep, enable_expert_tensor_parallelism=True) == position
 
 
 def _ffn(x, w1, b1, w2, b2, activation):

@@ -14,7 +14,7 @@ def default_plan(cfg: S2MoEConfig) -> ParallelPlan:
     takes the registered TP group (``integrations.megatron.use_megatron_parallel_state``), and
     ``parallel.tensor_parallel.set_tensor_parallel_group`` makes its group every layer's default."""
     shard = bool(cfg.enable_expert_tensor_parallelism)
-    tp_group = default_tensor_parallel_group(expert_tensor_parallel=shard)
+    tp_group = default_tensor_parallel_group(enable_expert_tensor_parallelism=shard)
     if shard and tp_group is None:
         raise ValueError(NO_TP_GROUP_ERROR)
     return plan_for_config(cfg, tp_group=tp_group)

@@ -127,7 +127,7 @@ def make_parallel_plan(ep_size: int = 1, *, ep_group=None, tp_group=None, shard_
     shard_experts = bool(shard_experts)
     if tp_size > 1:
         validate_topology(world, tp_size, ep_size, num_experts or ep_size, hidden_size or tp_size,
-                          ffn_hidden_size or tp_size, expert_tensor_parallel=shard_experts)
+                          ffn_hidden_size or tp_size, enable_expert_tensor_parallelism=shard_experts)
         check_tensor_parallel_group(tp_group)
     elif world % ep_size:
         raise ValueError(f"{owner}.ep_size={ep_size} is invalid: must divide the world size ({world}); "

@@ -62,10 +62,10 @@ def get_tensor_parallel_group():
     return _TP_GROUP
 
 
-def default_tensor_parallel_group(expert_tensor_parallel: bool) -> Optional[object]:
+def default_tensor_parallel_group(enable_expert_tensor_parallelism: bool) -> Optional[object]:
     """The TP group of a layer built without a plan: the registered one when the layer's config asks
     for experts split over TP, or after ``set_tensor_parallel_group``; None otherwise."""
-    return _TP_GROUP if expert_tensor_parallel or _TP_FOR_EVERY_LAYER else None
+    return _TP_GROUP if enable_expert_tensor_parallelism or _TP_FOR_EVERY_LAYER else None
 
 
 def get_expert_tp_groups(ep_size: int, tp_size: int):

@@ -28,7 +28,7 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def validate_topology(world_size: int, tp_size: int, ep_size: int, num_experts: int, hidden_size: int,
-                      ffn_hidden_size: int, expert_tensor_parallel: bool = True,
+                      ffn_hidden_size: int, enable_expert_tensor_parallelism: bool = True,
                       field_names: Optional[Mapping[str, str]] = None) -> None:
     """Raise ValueError naming the field, its value and the fix if the world cannot be laid out
     as TP x DP with EP experts groups. Call before creating any process group. ``field_names``:
@@ -44,7 +44,7 @@ def validate_topology(world_size: int, tp_size: int, ep_size: int, num_experts: 
         raise ValueError(f"{f('tp_size')}={tp_size} is invalid: it must divide the world size ({world_size}), "
                          f"which factors as TP x DP; choose tp_size among {_divisors(world_size)}")
     dp_size = world_size // tp_size
-    if expert_tensor_parallel and tp_size > 1:
+    if enable_expert_tensor_parallelism and tp_size > 1:
         if dp_size % ep_size:
             raise ValueError(f"{f('ep_size')}={ep_size} is invalid: with experts split over TP "
                              f"(enable_expert_tensor_parallelism) expert groups live inside a data-parallel "
@@ -59,7 +59,7 @@ def validate_topology(world_size: int, tp_size: int, ep_size: int, num_experts: 
     if tp_size > 1 and hidden_size % tp_size:
         raise ValueError(f"{f('hidden_size')}={hidden_size} is invalid: it must be divisible by tp_size ({tp_size}) "
                          f"for the tensor-parallel layers; choose tp_size among {_divisors(hidden_size)}")
-    if tp_size > 1 and expert_tensor_parallel and ffn_hidden_size % tp_size:
+    if tp_size > 1 and enable_expert_tensor_parallelism and ffn_hidden_size % tp_size:
         raise ValueError(f"{f('ffn_hidden_size')}={ffn_hidden_size} is invalid: it must be divisible by tp_size "
                          f"({tp_size}) to split each expert over TP; choose tp_size among "
                          f"{_divisors(ffn_hidden_size)}")
@@ -83,8 +83,8 @@ def expert_tp_ranks(world_size: int, tp_size: int, ep_size: int) -> Tuple[List[L
     return ep_groups, edp_groups
 
 
-def expert_parallel_rank(rank: int, tp_size: int, ep_size: int, expert_tensor_parallel: bool) -> int:
+def expert_parallel_rank(rank: int, tp_size: int, ep_size: int, enable_expert_tensor_parallelism: bool) -> int:
     """Position of ``rank`` in its EP group (which block of experts it holds)."""
-    if expert_tensor_parallel and tp_size > 1:
+    if enable_expert_tensor_parallelism and tp_size > 1:
         return (rank // tp_size) % ep_size
     return rank % ep_size

@@ -218,7 +218,8 @@ def check_parallel_layout(run: RunConfig, world_size: int) -> None:
         raise ValueError(f"model.moe.ep_size={ep} is invalid: must divide the world size ({world_size} ranks); "
                          f"start {ep}*N ranks or set model.moe.ep_size=1")
     validate_topology(world_size, m.tp_size, ep, moe.num_experts, m.d_model, moe.ffn_hidden_size,
-                      expert_tensor_parallel=moe.enable_expert_tensor_parallelism, field_names=TOPOLOGY_FIELDS)
+                      enable_expert_tensor_parallelism=moe.enable_expert_tensor_parallelism,
+                      field_names=TOPOLOGY_FIELDS)
     run.train.micro_batch_size(world_size, m.tp_size)  # the global batch splits over the DP ranks
 
 
