@@ -69,7 +69,7 @@ def gather(args, config_steps: int, steps: int):
             run_dir = q.run_dir_for(args, name, seed, steps, config_steps)
             ev = q._read_json(os.path.join(run_dir, "test_eval.json"))
             runs.setdefault(name, {})[str(seed)] = q.collect(args, run_dir, ev, "run folder")
-    for name, r in recorded_results(args, steps, steps).items():
+    for name, r in recorded_results(recorded(args, steps), steps, steps).items():
         for seed, rec in r["runs"].items():
             if (not args.models or name in args.models) and (not args.seeds or int(seed) in args.seeds):
                 runs.setdefault(name, {}).setdefault(str(seed), rec)
@@ -85,14 +85,22 @@ def gather(args, config_steps: int, steps: int):
     return runs
 
 
-def recorded_results(args, steps: int, budget: int) -> dict:
-    """{name: results} that ``--recorded`` (a quality.json of this code) holds for ``budget`` steps:
-    its Figure 1 results when its budget is ``steps`` itself, else its longer runs of ``budget``.
-    Records are kept as written: their source (a run folder, or the previous report), FLOPs, collapse."""
-    rec = q._read_json(args.recorded) if getattr(args, "recorded", None) else None
-    if getattr(args, "recorded", None) and rec is None:
-        raise SystemExit(f"[quality] --recorded {args.recorded}: not a readable quality.json")
-    if not rec or rec["meta"].get("steps") != steps:
+def recorded(args, steps: int):
+    """The ``--recorded`` quality.json (of this code) when it reports ``steps`` as its own budget, else None."""
+    path = getattr(args, "recorded", None)
+    if not path:
+        return None
+    rec = q._read_json(path)
+    if rec is None:
+        raise SystemExit(f"[quality] --recorded {path}: not a readable quality.json")
+    return rec if rec["meta"].get("steps") == steps else None
+
+
+def recorded_results(rec, steps: int, budget: int) -> dict:
+    """{name: results} that the recorded report ``rec`` holds for ``budget`` steps: its Figure 1
+    results when that is its own budget ``steps``, else its longer runs of ``budget``. Records are
+    kept as written: their source (a run folder, or the previous report), FLOPs, collapse."""
+    if not rec:
         return {}
     return rec["results"] if budget == steps else rec["meta"].get("longer", {}).get(str(budget), {})
 
@@ -451,8 +459,8 @@ def gather_longer(args, config_steps: int, steps: int):
     """{steps: results} for the run folders trained for a budget other than ``steps``."""
     found = q.discover(os.path.abspath(args.output))
     budgets = {s for seeds in found.values() for _, s in seeds if s and s != steps}
-    rec = q._read_json(args.recorded) if getattr(args, "recorded", None) else None
-    if rec and rec["meta"].get("steps") == steps:
+    rec = recorded(args, steps)
+    if rec:
         budgets |= {int(b) for b in rec["meta"].get("longer", {})}
     out = {}
     for budget in sorted(budgets):
@@ -466,7 +474,7 @@ def gather_longer(args, config_steps: int, steps: int):
                         "run_dir": os.path.relpath(run_dir, q.ROOT), "source": "run folder", "test_bpc": ev["bpc"],
                         "test_characters": ev["characters_scored"], "step": ev["step"],
                         "train": q.train_summary(run_dir), "collapse": None}
-        for name, r in recorded_results(args, steps, budget).items():
+        for name, r in recorded_results(rec, steps, budget).items():
             for seed, record in r["runs"].items():
                 runs.setdefault(name, {}).setdefault(str(seed), record)
         out[str(budget)] = aggregate(runs, budget)
