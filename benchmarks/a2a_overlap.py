@@ -33,9 +33,13 @@ def _ranks(rank, world, tokens, d, h, local_experts, repeats, imbalance):
         x = torch.cat([x, x[:rows - len(x)]]) if rows > len(x) else x
         return torch.cat([torch.nn.functional.gelu(c @ w1[e]) @ w2[e] for e, c in enumerate(x.chunk(local_experts))])
 
-    def one_exchange():
+    def exchange_only():
         both = torch.empty(2 * tokens, d)
         dist.all_to_all_single(both, torch.cat([clean, noisy]))
+        return both
+
+    def one_exchange():
+        both = exchange_only()
         experts(both[:tokens]), experts(both[tokens:])
 
     def overlapped():
@@ -45,10 +49,6 @@ def _ranks(rank, world, tokens, d, h, local_experts, repeats, imbalance):
         experts(got_clean)
         pending.wait()
         experts(got_noisy)
-
-    def exchange_only():
-        both = torch.empty(2 * tokens, d)
-        dist.all_to_all_single(both, torch.cat([clean, noisy]))
 
     ways = {"one exchange": one_exchange, "overlapped": overlapped, "exchange only": exchange_only,
             "experts only": lambda: (experts(clean), experts(noisy))}

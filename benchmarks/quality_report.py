@@ -281,16 +281,17 @@ def plot(results, ks, path, title):
 def default_verdict(results, abls) -> str:
     """Whether an ablation earns a change of default: better than its base on every seed (3 or more)
     at both k=1 and k=2."""
-    wins = []
+    wins, few = [], []
     for n, _ in abls:
         base = q.split_name(n)[0]
         p1, p2 = paired(results, n, "1", base, "1"), paired(results, n, "2", base, "2")
-        if len(p1) >= 3 and len(p2) >= 3 and all(d < 0 for _, d, _ in p1 + p2):
+        if len(p1) < 3 or len(p2) < 3:
+            few.append(n)
+        elif all(d < 0 for _, d, _ in p1 + p2):
             wins.append(n)
     if wins:
         return ("Better than its base on every seed at both k=1 and k=2 (a candidate default): "
                 + ", ".join(wins) + ".")
-    few = [n for n, _ in abls if len(paired(results, n, "1", q.split_name(n)[0], "1")) < 3]
     return ("Defaults unchanged: no ablation is better than its base on every seed at both k=1 and k=2"
             + (f" (fewer than 3 seeds so far: {', '.join(few)})" if few else " (3 seeds each)")
             + "; the seed-to-seed sd of a contestant is ~0.01 BPC.")
